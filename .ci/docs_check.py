@@ -42,5 +42,5 @@ if __name__ == "__main__":
     nbs = sorted(p for p in Path("nbs").glob("*.ipynb") if not p.name.startswith(("_", ".")))
     bad = {p.name: check(p, out) for p in nbs}
     bad = {k: v for k, v in bad.items() if v}
-    print(f"{len(nbs) - len(bad)} passed, {len(bad)} failed")
+    print(f"docs check: {len(nbs) - len(bad)} pages fine, {len(bad)} with problems")
     sys.exit(1 if bad else 0)
