@@ -213,11 +213,9 @@ def train_unet(unet:UNet2DConditionModel, # e.g. `make_unet()`
 # %% ../nbs/06_shapes.ipynb #62bc60d7
 def save_model(folder, # destination folder (created)
                vae:AutoencoderKL, te:CLIPTextModel, tok:CLIPTokenizer, unet:UNet2DConditionModel,
-               fp16:bool=False, # store the weights in float16
               )->Path:
     "Save the components as a diffusers Stable Diffusion folder (model_index.json + one subfolder each)."
-    mods = [copy.deepcopy(m).to(torch.float16) if fp16 else m for m in (vae, te, unet)]
-    pipe = StableDiffusionPipeline(vae=mods[0], text_encoder=mods[1], tokenizer=tok, unet=mods[2],
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -290,7 +288,7 @@ def edit_report(de, # a DiffEdit object: `de(image, ref=..., query=..., seed=...
     m = np.asarray(res.mask) > 127
     out, orig = np.asarray(res.image.convert('RGB'), float), np.asarray(sc.image, float)
     diff = np.abs(out - orig).max(-1)[far_from(sc.mask)]
-    r = dict(seed=seed, kind=kind, query=query, iou=iou(m, sc.mask), coverage=coverage(m, sc.mask),
+    r = dict(seed=seed, kind=kind, query=query, image=res.image, mask=res.mask, iou=iou(m, sc.mask), coverage=coverage(m, sc.mask),
              bg_change=float(np.abs(out - orig)[far_from(sc.mask)].mean()), bg_changed_frac=float((diff > 32).mean()))
     if kind == 'color': r['color_ok'] = nearest_color(object_color(out, sc.mask)) == target
     return r
