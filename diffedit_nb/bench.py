@@ -13,7 +13,7 @@ from PIL import Image
 from diffusers import StableDiffusionDiffEditPipeline, DDIMScheduler, DDIMInverseScheduler
 from .encode import SDComponents, DEFAULTS
 from .pipeline import DiffEdit
-from .shapes import scene, COLORS, SHAPES, SHAPES_MODEL, iou, far_from, object_color, nearest_color
+from .shapes import scene, edit_target, COLORS, SHAPES, SHAPES_MODEL, iou, far_from, object_color, nearest_color
 
 # %% auto #0
 __all__ = ['diffusers_pipe', 'run_diffusers', 'run_ours', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'measure',
@@ -74,9 +74,7 @@ def peak_memory(fn, device)->tuple: # (result, peak MiB during the call)
 # %% ../nbs/07_bench.ipynb #be3f8f41
 def color_edit(seed:int, size:int=64)->tuple: # (scene, query, target colour)
     "A held-out scene (`size` pixels square) and a colour-edit query for it."
-    sc = scene(seed, size=size)
-    names = [c for c in COLORS if c != sc.color]
-    target = names[seed % len(names)]
+    sc, target = scene(seed, size=size), edit_target(seed)  # the same target as `shapes.evaluate`
     return sc, f"a {target} {sc.shape}", target
 
 def psnr(a, b)->float:

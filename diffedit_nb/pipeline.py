@@ -50,6 +50,10 @@ def composite(original:Image.Image, # RGB input at its own size
     mixed = np.clip((orig * (1 - a) + edit * a).round(), 0, 255).astype(np.uint8)
     return Image.fromarray(np.where(a > 0, mixed, orig)), a[..., 0]
 
+def _mask_image(alpha:np.ndarray)->Image.Image:
+    "The binary mask of a blending weight as a mode-L image: 255 where alpha > 0."
+    return Image.fromarray(((alpha > 0) * 255).astype(np.uint8), "L")
+
 # %% ../nbs/05_pipeline.ipynb #025dd88d
 def shapes_model_path()->Path:
     "Folder of the small shapes model bundled in the package."
@@ -130,7 +134,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
     m, alpha = self._mask_step(lat, size, ref, query, ddim_scheduler(self.sd, steps), n, mask_strength, clamp, smooth,
                                threshold, fill_holes, blur, batch_size, make_generator(seed, generator), progress)
     a = resize_map(alpha, original.size)
-    return MaskResult(Image.fromarray(((a > 0) * 255).astype(np.uint8), "L"), resize_map(m, original.size))
+    return MaskResult(_mask_image(a), resize_map(m, original.size))
 
 DiffEdit.mask = _mask
 
@@ -179,7 +183,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
                      callback=callback, progress=progress, negative_embeds=e_neg)
     # 5. decode and put the edit back at the input's size
     image_out, a = composite(original, decode(self.sd, edited)[0], alpha)
-    return EditResult(Image.fromarray(((a > 0) * 255).astype(np.uint8), "L"), mask_map_in, image_out)
+    return EditResult(_mask_image(a), mask_map_in, image_out)
 
 DiffEdit.__call__ = _call
 

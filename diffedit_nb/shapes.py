@@ -14,19 +14,19 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-import diffedit_nb
 from .encode import clip_tokenizer, SD_SCHEDULER_CONFIG
+from .pipeline import shapes_model_path
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'background', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder',
            'make_unet', 'render', 'to_x', 'cosine_lr', 'train_vae', 'latent_stats', 'train_unet', 'save_model',
            'save_train_log', 'load_train_log', 'nearest_color', 'object_color', 'iou', 'coverage', 'far_from',
-           'edit_report', 'evaluate']
+           'edit_target', 'edit_report', 'evaluate']
 
 # %% ../nbs/06_shapes.ipynb #354f2f82
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 205, 40)}
 SHAPES = ('circle', 'square', 'triangle')
-SHAPES_MODEL = Path(diffedit_nb.__file__).parent/'models'/'shapes'
+SHAPES_MODEL = shapes_model_path()
 
 # %% ../nbs/06_shapes.ipynb #01b6ff7c
 def background(rng:np.random.Generator, # the scene's random generator
@@ -272,6 +272,15 @@ def far_from(obj:np.ndarray, # bool (H, W)
     return ~binary_dilation(obj, iterations=px)
 
 # %% ../nbs/06_shapes.ipynb #866f533c
+def edit_target(seed:int, # the held-out scene's seed
+                kind:str='color', # "color" or "shape"
+               )->str: # a key of `COLORS` or one of `SHAPES`
+    "The colour (or shape) that the evaluation edits `scene(seed)`'s object into: one of the three others, chosen by the seed."
+    sc = scene(seed)
+    if kind == 'color': names = list(COLORS); return names[(names.index(sc.color) + 1 + seed % 3) % 4]
+    if kind == 'shape': return SHAPES[(SHAPES.index(sc.shape) + 1 + seed % 2) % 3]
+    raise ValueError(f'kind must be "color" or "shape", got {kind!r}')
+
 def edit_report(de, # a DiffEdit object: `de(image, ref=..., query=..., seed=...)` -> result with `.image`, `.mask`
                 seed:int, # the held-out scene's seed (0-999)
                 kind:str='color', # "color" or "shape"
@@ -279,11 +288,8 @@ def edit_report(de, # a DiffEdit object: `de(image, ref=..., query=..., seed=...
                )->dict:
     "Edit the colour or the shape of `scene(seed)`'s object with `de` and measure the edit."
     sc = scene(seed)
-    if kind == 'color':
-        names = list(COLORS); target = names[(names.index(sc.color) + 1 + seed % 3) % 4]; query = f'a {target} {sc.shape}'
-    elif kind == 'shape':
-        target = SHAPES[(SHAPES.index(sc.shape) + 1 + seed % 2) % 3]; query = f'a {sc.color} {target}'
-    else: raise ValueError(f'kind must be "color" or "shape", got {kind!r}')
+    target = edit_target(seed, kind)
+    query = f'a {target} {sc.shape}' if kind == 'color' else f'a {sc.color} {target}'
     res = de(sc.image, ref=sc.caption, query=query, seed=seed, **kwargs)
     m = np.asarray(res.mask) > 127
     out, orig = np.asarray(res.image.convert('RGB'), float), np.asarray(sc.image, float)
