@@ -13,11 +13,11 @@ from PIL import Image
 from diffusers import StableDiffusionDiffEditPipeline, DDIMScheduler, DDIMInverseScheduler
 from .encode import SDComponents, DEFAULTS
 from .pipeline import DiffEdit
-from .shapes import scene, edit_target, COLORS, SHAPES, SHAPES_MODEL, iou, far_from, object_color, nearest_color
+from .shapes import scene, edit_target, COLORS, SHAPES_MODEL, iou, far_from, object_color, nearest_color, color_index
 
 # %% auto #0
-__all__ = ['diffusers_pipe', 'run_diffusers', 'run_ours', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'measure',
-           'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'main']
+__all__ = ['diffusers_pipe', 'run_diffusers', 'run_ours', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'mask_metrics',
+           'measure', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'main']
 
 # %% ../nbs/07_bench.ipynb #504246e1
 def diffusers_pipe(sd:SDComponents)->StableDiffusionDiffEditPipeline:
@@ -74,7 +74,7 @@ def peak_memory(fn, device)->tuple: # (result, peak MiB during the call)
 # %% ../nbs/07_bench.ipynb #be3f8f41
 def color_edit(seed:int, size:int=64)->tuple: # (scene, query, target colour)
     "A held-out scene (`size` pixels square) and a colour-edit query for it."
-    sc, target = scene(seed, size=size), edit_target(seed)  # the same target as `shapes.evaluate`
+    sc = scene(seed, size=size); target = edit_target(sc, seed)  # the same target as `shapes.evaluate`
     return sc, f"a {target} {sc.shape}", target
 
 def psnr(a, b)->float:
@@ -82,15 +82,18 @@ def psnr(a, b)->float:
     mse = np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
+def mask_metrics(mask, obj)->dict:
+    "IoU, precision and recall of a boolean mask against the object's true pixels."
+    tp = (mask & obj).sum()
+    return dict(iou=iou(mask, obj), precision=tp / max(mask.sum(), 1), recall=tp / max(obj.sum(), 1))
+
 def measure(image, mask, sc, target)->dict:
     "Mask and edit metrics of one edit against the scene's true object."
     obj, far = sc.mask, far_from(sc.mask, 3)
-    tp = (mask & obj).sum()
     out, orig = np.asarray(image.convert("RGB")), np.asarray(sc.image)
     a = out.astype(int); sat = a.max(-1) - a.min(-1) >= 60  # saturated pixels: objects, not the greyish background
-    names = list(COLORS); dist = np.stack([((a - np.array(COLORS[c])) ** 2).sum(-1) for c in names])
-    painted = sat & (dist.argmin(0) == names.index(target))
-    return dict(iou=iou(mask, obj), precision=tp / max(mask.sum(), 1), recall=tp / max(obj.sum(), 1),
+    painted = sat & (color_index(a) == list(COLORS).index(target))
+    return dict(**mask_metrics(mask, obj),
                 color_ok=float(nearest_color(object_color(out, obj)) == target), shape_iou=iou(painted, obj),
                 bg_psnr=psnr(out[far], orig[far]), bg_maxdiff=float(np.abs(out[far].astype(int) - orig[far]).max()))
 
@@ -155,8 +158,7 @@ def mask_sweep(de:DiffEdit, variants:dict, # name -> keyword arguments of `DiffE
             t0 = time.perf_counter()
             m = np.asarray(de.mask(sc.image, ref=sc.caption, query=q, seed=s, progress=False, **kw).mask) > 0
             ts.append(time.perf_counter() - t0)
-            tp = (m & sc.mask).sum()
-            ms.append((iou(m, sc.mask), tp / max(m.sum(), 1), tp / max(sc.mask.sum(), 1)))
+            ms.append(list(mask_metrics(m, sc.mask).values()))
         i, p, r = np.mean(ms, 0)
         rows.append(dict(variant=name, iou=i, precision=p, recall=r, sec=float(np.median(ts))))
     return rows

@@ -20,8 +20,8 @@ from .pipeline import shapes_model_path
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'background', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder',
            'make_unet', 'render', 'to_x', 'cosine_lr', 'train_vae', 'latent_stats', 'train_unet', 'save_model',
-           'save_train_log', 'load_train_log', 'nearest_color', 'object_color', 'iou', 'coverage', 'far_from',
-           'edit_target', 'edit_report', 'evaluate']
+           'save_train_log', 'load_train_log', 'color_index', 'nearest_color', 'object_color', 'iou', 'coverage',
+           'far_from', 'edit_target', 'edit_report', 'evaluate']
 
 # %% ../nbs/06_shapes.ipynb #354f2f82
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 205, 40)}
@@ -236,11 +236,16 @@ def load_train_log(folder=SHAPES_MODEL)->dict:
     return json.loads((Path(folder)/'train_log.json').read_text())
 
 # %% ../nbs/06_shapes.ipynb #a81a8020
+def color_index(rgb, # an RGB triple or an (..., 3) array, 0-255
+               )->np.ndarray: # int, shape (...): the index in `list(COLORS)` of the nearest colour
+    "Index of the colour of `COLORS` nearest to `rgb` (per pixel for an image)."
+    a = np.asarray(rgb, float)
+    return np.stack([((a - np.array(c, float))**2).sum(-1) for c in COLORS.values()]).argmin(0)
+
 def nearest_color(rgb, # an RGB triple, 0-255
                  )->str: # a key of `COLORS`
     "The name of the colour in `COLORS` nearest to `rgb`."
-    names = list(COLORS)
-    return names[int(np.argmin([np.sum((np.array(COLORS[n], float) - np.asarray(rgb, float))**2) for n in names]))]
+    return list(COLORS)[int(color_index(rgb))]
 
 def object_color(img, # PIL image or (H, W, 3) array (0-255, or 0-1 floats)
                  mask:np.ndarray|None=None, # bool (H, W): average over these pixels; default: the saturated ones
@@ -272,11 +277,11 @@ def far_from(obj:np.ndarray, # bool (H, W)
     return ~binary_dilation(obj, iterations=px)
 
 # %% ../nbs/06_shapes.ipynb #866f533c
-def edit_target(seed:int, # the held-out scene's seed
+def edit_target(sc:Scene, # the held-out scene, `scene(seed)`
+                seed:int, # its seed
                 kind:str='color', # "color" or "shape"
                )->str: # a key of `COLORS` or one of `SHAPES`
-    "The colour (or shape) that the evaluation edits `scene(seed)`'s object into: one of the three others, chosen by the seed."
-    sc = scene(seed)
+    "The colour (or shape) that the evaluation edits `sc`'s object into: one of the three others, chosen by the seed."
     if kind == 'color': names = list(COLORS); return names[(names.index(sc.color) + 1 + seed % 3) % 4]
     if kind == 'shape': return SHAPES[(SHAPES.index(sc.shape) + 1 + seed % 2) % 3]
     raise ValueError(f'kind must be "color" or "shape", got {kind!r}')
@@ -288,14 +293,14 @@ def edit_report(de, # a DiffEdit object: `de(image, ref=..., query=..., seed=...
                )->dict:
     "Edit the colour or the shape of `scene(seed)`'s object with `de` and measure the edit."
     sc = scene(seed)
-    target = edit_target(seed, kind)
+    target = edit_target(sc, seed, kind)
     query = f'a {target} {sc.shape}' if kind == 'color' else f'a {sc.color} {target}'
     res = de(sc.image, ref=sc.caption, query=query, seed=seed, **kwargs)
     m = np.asarray(res.mask) > 127
     out, orig = np.asarray(res.image.convert('RGB'), float), np.asarray(sc.image, float)
-    diff = np.abs(out - orig).max(-1)[far_from(sc.mask)]
+    far = np.abs(out - orig)[far_from(sc.mask)]  # (pixels, 3)
     r = dict(seed=seed, kind=kind, query=query, image=res.image, mask=res.mask, iou=iou(m, sc.mask), coverage=coverage(m, sc.mask),
-             bg_change=float(np.abs(out - orig)[far_from(sc.mask)].mean()), bg_changed_frac=float((diff > 32).mean()))
+             bg_change=float(far.mean()), bg_changed_frac=float((far.max(-1) > 32).mean()))
     if kind == 'color': r['color_ok'] = nearest_color(object_color(out, sc.mask)) == target
     return r
 
