@@ -55,21 +55,13 @@ def count_unet_rows(unet):
     try: yield rows
     finally: h.remove()
 
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field): return int(line.split()[1])
+def peak_memory(fn, device)->tuple: # (result, peak MiB during the call; nan off CUDA)
+    "Run `fn()` and measure its peak memory on a CUDA device (PyTorch's allocator); nan elsewhere."
+    if torch.device(device).type != "cuda": return fn(), float("nan")
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    r = fn(); torch.cuda.synchronize()
+    return r, (torch.cuda.max_memory_allocated() - base) / 2**20
 
-def peak_memory(fn, device)->tuple: # (result, peak MiB during the call)
-    "Run `fn()` and measure its peak memory (CUDA allocator, or CPU resident set on Linux; nan if unknown)."
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-        r = fn(); torch.cuda.synchronize()
-        return r, (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        base = _rss_kb("VmRSS:"); Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
-        r = fn()
-        return r, (_rss_kb("VmHWM:") - base) / 1024
-    except OSError: return fn(), float("nan")
 
 # %% ../nbs/07_bench.ipynb #be3f8f41
 def color_edit(seed:int, size:int=64)->tuple: # (scene, query, target colour)
@@ -127,7 +119,8 @@ def bench(methods:dict, # name -> fn(image, ref, query, seed) -> (image, bool ma
 
 def table(rows:list)->str:
     "The bench rows as a text table, with speed relative to the first row."
-    cols = ["method", "iou", "precision", "recall", "color_ok", "shape_iou", "bg_psnr", "bg_maxdiff", "sec", "speedup", "unet_evals", "peak_mib"]
+    cols = ["method", "iou", "precision", "recall", "color_ok", "shape_iou", "bg_psnr", "bg_maxdiff", "sec", "speedup", "unet_evals"]
+    if any(np.isfinite(r.get("peak_mib", np.nan)) for r in rows): cols.append("peak_mib")  # measured on CUDA only
     ref = rows[0]["sec"]
     lines = [" | ".join(f"{c:>10}" if c != "method" else f"{c:<28}" for c in cols)]
     for r in rows:

@@ -7,27 +7,14 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from .encode import SDComponents, DEFAULTS
+from .encode import SDComponents
+from .defaults import DEFAULTS, BACKGROUNDS, check_denoise_args
 from .noise import start_index, ddim_invert
 
 # %% auto #0
-__all__ = ['BACKGROUNDS', 'check_denoise_args', 'denoise']
+__all__ = ['denoise']
 
 # %% ../nbs/04_denoise.ipynb #474c0d37
-BACKGROUNDS = ("inversion", "renoise", "uncond")
-
-def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scale=DEFAULTS.guidance_scale,
-                       background=DEFAULTS.background):
-    "Raise a ValueError naming the first denoising knob out of range."
-    if background not in BACKGROUNDS: raise ValueError(f"background must be one of {BACKGROUNDS}; got {background!r}.")
-    if not (isinstance(steps, int) and steps >= 1): raise ValueError(f"steps must be an integer >= 1; got {steps!r}.")
-    if not (isinstance(start, (int, float)) and 0 < start <= 1):
-        raise ValueError(f"start must be a noise level in (0, 1] (0.5 = start halfway through the schedule); got {start!r}.")
-    if round(start * steps) < 1:
-        raise ValueError(f"start={start} with steps={steps} leaves no denoising step; use a larger start or more steps.")
-    if not (isinstance(guidance_scale, (int, float)) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
-
 @torch.no_grad()
 def denoise(sd:SDComponents, sched, # DDIM scheduler with the full schedule set (`ddim_scheduler`)
             latents:torch.Tensor, # (1, C, h, w) clean image latents

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_encode.ipynb #3b03bae1
 from __future__ import annotations
-import io, os, json, math, importlib.util, tempfile, warnings
+import io, os, json, math, importlib.util, importlib.resources, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -15,16 +15,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModel, CLIPTextConfig, CLIPTokenizer
 from transformers.utils import logging as tf_logging
+from .defaults import DEFAULT_MODEL, Defaults, DEFAULTS, write_atomic
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'DEFAULTS', 'SDComponents', 'default_device_dtype',
-           'resolve_device_dtype', 'load_sd', 'clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd', 'Defaults',
-           'ImageLoadError', 'load_image', 'model_size', 'image_processor', 'encode', 'decode', 'show_images',
-           'show_latents']
+__all__ = ['SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype', 'resolve_device_dtype',
+           'check_model_folder', 'check_model_source', 'load_sd', 'shapes_model_path', 'clip_tokenizer',
+           'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd', 'ImageLoadError', 'load_image', 'model_size',
+           'image_processor', 'encode', 'decode', 'show_images', 'show_latents']
 
 # %% ../nbs/00_encode.ipynb #a600d90c
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
 @dataclass
 class SDComponents:
     "The Stable Diffusion components DiffEdit uses, named as in diffusers."
@@ -73,6 +72,58 @@ def resolve_device_dtype(device=None, # "cuda", "cpu", "mps", a torch.device, or
                          "use dtype=torch.float32 (the CPU default) or torch.bfloat16.")
     return device, dtype
 
+# %% ../nbs/00_encode.ipynb #ed686783
+_LAYOUT = "a local folder in the diffusers layout (model_index.json + vae/ text_encoder/ tokenizer/ unet/ scheduler/)"
+_OFFLINE_HINT = ("Without internet, pass " + _LAYOUT + ", or use the bundled shapes model: "
+                 "DiffEdit.from_pretrained('shapes') or `diffedit ... --model shapes`.")
+_NEEDS = {  # what each component folder must hold: (name in messages, any of these glob patterns)
+    "vae": [("config.json", ["config.json"]), ("diffusion_pytorch_model.safetensors", ["diffusion_pytorch_model*.safetensors*", "diffusion_pytorch_model*.bin"])],
+    "unet": [("config.json", ["config.json"]), ("diffusion_pytorch_model.safetensors", ["diffusion_pytorch_model*.safetensors*", "diffusion_pytorch_model*.bin"])],
+    "text_encoder": [("config.json", ["config.json"]), ("model.safetensors", ["model*.safetensors*", "pytorch_model*.bin"])],
+    "tokenizer": [("vocab.json + merges.txt (or tokenizer.json)", ["tokenizer.json", "merges.txt"])],
+    "scheduler": [("scheduler_config.json", ["scheduler_config.json"])],
+}
+
+def check_model_folder(folder:Path):
+    "Raise a FileNotFoundError naming every file a diffusers Stable Diffusion folder lacks."
+    missing = [] if (folder/"model_index.json").is_file() else ["model_index.json"]
+    for comp, needs in _NEEDS.items():
+        missing += [f"{comp}/{name}" for name, pats in needs if not any(any((folder/comp).glob(p)) for p in pats)]
+    if missing: raise FileNotFoundError(f"The model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}. "
+                                        f"Expected {_LAYOUT}.")
+
+def check_model_source(model:str, # hub id or local folder
+                       local_files_only:bool=False, # never contact the hub
+                      )->dict: # extra `from_pretrained` arguments (`local_files_only=True` for a cached model when offline)
+    "Find out, before loading any weights, whether `model` can be loaded; a clear error saying why not."
+    from huggingface_hub import try_to_load_from_cache, model_info, constants
+    from huggingface_hub.utils import validate_repo_id, HFValidationError, GatedRepoError, RepositoryNotFoundError, HfHubHTTPError
+    local = Path(model).expanduser()
+    if local.is_dir(): check_model_folder(local); return {}
+    if local.exists(): raise FileNotFoundError(f"{model!r} is a file; give a model folder ({_LAYOUT}) or a hub id.")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+    try: validate_repo_id(model); valid = not looks_like_path
+    except HFValidationError: valid = False
+    if not valid: raise FileNotFoundError(f"The model folder {model!r} does not exist, and it is not a hub id either. Give a hub id "
+                                          f"(e.g. {DEFAULT_MODEL!r}) or {_LAYOUT}.")
+    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    if constants.HF_HUB_OFFLINE or local_files_only:
+        if cached: return {}
+        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True was given"
+        raise OSError(f"The hub id {model!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
+                      f"({why}): download it once on a machine with internet, or pass a local folder. {_OFFLINE_HINT}")
+    try: model_info(model, timeout=10)
+    except GatedRepoError: return {}  # from_pretrained says how to get access
+    except RepositoryNotFoundError:
+        raise OSError(f"There is no model {model!r} on the Hugging Face hub (or it is private: log in with `hf auth login`). "
+                      f"Check the id, e.g. {DEFAULT_MODEL!r}.") from None
+    except HfHubHTTPError: return {}  # the hub answered: let from_pretrained report the details
+    except Exception as e:  # no answer: no DNS, no route, timeout
+        if cached: return dict(local_files_only=True)
+        raise OSError(f"Cannot reach the Hugging Face hub to download {model!r} ({type(e).__name__}: {' '.join(str(e).split())[:120]}). "
+                      + _OFFLINE_HINT) from None
+    return {}
+
 # %% ../nbs/00_encode.ipynb #6783afa0
 def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
             device=None, # default: "cuda" if available, else "cpu"
@@ -83,52 +134,57 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
     device, dtype = resolve_device_dtype(device, dtype)
     model = str(model)
     local = Path(model).expanduser()
-    if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")):
-        raise FileNotFoundError(f"The model folder {model!r} does not exist. Give a hub id (e.g. {DEFAULT_MODEL!r}) or a "
-                                "local folder in the diffusers layout (model_index.json + vae/ text_encoder/ tokenizer/ unet/ scheduler/).")
     if local.is_dir(): model = str(local)
+    kwargs = {**check_model_source(model, kwargs.get("local_files_only", False)), **kwargs}
     bars = tf_logging.is_progress_bar_enabled()
     if local.is_dir(): tf_logging.disable_progress_bar()  # a local folder loads in a blink: no "Loading weights" bar
     try:
-        kw = dict(torch_dtype=dtype, **kwargs)
-        sd = SDComponents(
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
-            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw),
-            scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs))
+        with warnings.catch_warnings(record=True) as seen:  # shown only if loading works: a failure is one clean error
+            warnings.simplefilter("always")
+            kw = dict(torch_dtype=dtype, **kwargs)
+            sd = SDComponents(
+                vae=AutoencoderKL.from_pretrained(model, subfolder="vae", **kw),
+                text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),
+                tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
+                unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw),
+                scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs))
     except OSError as e:
         where = "the local folder" if local.is_dir() else "the hub id"
-        raise OSError(f"Could not load the model from {where} {model!r} ({' '.join(str(e).split())[:300]}). "
-                      "Without internet access, a hub id cannot be downloaded: pass a local folder in the diffusers "
-                      "layout (model_index.json + vae/ text_encoder/ tokenizer/ unet/ scheduler/), or use the bundled "
-                      "shapes model: DiffEdit.from_pretrained('shapes') or `diffedit ... --model shapes`.") from None
+        raise OSError(f"Could not load the model from {where} {model!r}: {' '.join(str(e).split())[:300]}") from None
     finally:
         if bars: tf_logging.enable_progress_bar()
+    for w in seen: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     for m in (sd.vae, sd.text_encoder, sd.unet): m.to(device).eval().requires_grad_(False)
     return sd
 
 # %% ../nbs/00_encode.ipynb #4702227e
+def shapes_model_path()->Path:
+    "Folder of the small shapes model bundled in the package (`06_shapes`)."
+    return Path(importlib.resources.files("diffedit_nb")) / "models" / "shapes"
+
+def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one
+                  )->CLIPTokenizer:
+    "Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), from the files bundled in the package."
+    return CLIPTokenizer.from_pretrained(folder or shapes_model_path()/"tokenizer", model_max_length=77)
+
 def _clip_simple_tokenizer():
     "OpenAI's `SimpleTokenizer` from the openai-clip package, loaded without importing `clip` (which needs torchvision)."
     spec = importlib.util.find_spec("clip")
-    if spec is None: raise ImportError("The `openai-clip` package is needed to build the CLIP tokenizer offline: pip install openai-clip")
+    if spec is None: raise ImportError("The `openai-clip` package is needed to build the CLIP tokenizer files: pip install openai-clip")
     loc = Path(spec.submodule_search_locations[0])
     mspec = importlib.util.spec_from_file_location("_clip_simple_tokenizer", loc/"simple_tokenizer.py")
     mod = importlib.util.module_from_spec(mspec); mspec.loader.exec_module(mod)
     return mod.SimpleTokenizer(str(loc/"bpe_simple_vocab_16e6.txt.gz"))
 
-def clip_tokenizer(folder:str|Path|None=None, # where to write vocab.json + merges.txt; default: a cache folder
-                  )->CLIPTokenizer:
-    "Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), built offline from openai-clip's BPE file."
-    folder = Path(folder or Path(os.environ.get("XDG_CACHE_HOME", Path.home()/".cache"))/"diffedit_nb"/"clip_tokenizer")
-    if not (folder/"merges.txt").exists():
-        st = _clip_simple_tokenizer()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder/"vocab.json").write_text(json.dumps(st.encoder))
-        merges = sorted(st.bpe_ranks, key=st.bpe_ranks.get)
-        (folder/"merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+def write_clip_tokenizer(folder:str|Path, # where to write vocab.json + merges.txt (created)
+                        )->Path:
+    "Convert openai-clip's BPE file into the hub's `vocab.json` + `merges.txt`, each written atomically."
+    st = _clip_simple_tokenizer()
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    merges = sorted(st.bpe_ranks, key=st.bpe_ranks.get)
+    write_atomic(folder/"vocab.json", json.dumps(st.encoder))
+    write_atomic(folder/"merges.txt", "#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")  # last: marks the folder complete
+    return folder
 
 # %% ../nbs/00_encode.ipynb #9c218350
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -190,25 +246,6 @@ def save_sd(sd:SDComponents, folder:str|Path)->Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return Path(folder)
-
-# %% ../nbs/00_encode.ipynb #1f0943ae
-@dataclass(frozen=True)
-class Defaults:
-    "The defaults of every DiffEdit knob."
-    n: int = 10                 # noise draws averaged for the mask
-    mask_strength: float = 0.5  # noise level of the mask runs (fraction of the schedule)
-    clamp: float|None = None    # clamp the difference map at this many times its mean before normalising (None: no clamp)
-    smooth: float = 0.7         # Gaussian smoothing of the map (sigma in latent pixels)
-    threshold: float|str = "otsu" # mask = normalised map > threshold (a number in [0, 1], or "otsu": Otsu's threshold)
-    fill_holes: bool = True     # fill holes inside the binary mask
-    blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
-    start: float = 0.8          # noise level the edit starts from (0.5 = halfway)
-    steps: int = 20             # DDIM steps of the full schedule
-    guidance_scale: float = 7.5 # classifier-free guidance towards the query
-    background: str = "renoise" # how the unmasked latents are kept: "renoise", "inversion" or "uncond"
-    negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
-
-DEFAULTS = Defaults()
 
 # %% ../nbs/00_encode.ipynb #52438fb0
 class ImageLoadError(ValueError):

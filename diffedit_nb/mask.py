@@ -10,11 +10,12 @@ import torch
 import cv2
 from scipy.ndimage import binary_fill_holes
 from tqdm.auto import tqdm
-from .encode import SDComponents, DEFAULTS
+from .encode import SDComponents
+from .defaults import DEFAULTS, check_mask_args
 from .noise import noise_latents
 
 # %% auto #0
-__all__ = ['mask_map', 'resize_map', 'check_mask_args', 'refine_mask', 'latent_mask', 'show_thresholds', 'show_blurs']
+__all__ = ['mask_map', 'resize_map', 'refine_mask', 'latent_mask', 'show_thresholds', 'show_blurs']
 
 # %% ../nbs/03_mask.ipynb #cb4f758d
 @torch.no_grad()
@@ -52,18 +53,6 @@ def resize_map(a:np.ndarray|torch.Tensor, # (h, w) map
     if isinstance(a, torch.Tensor): a = a.float().cpu().numpy()
     interp = cv2.INTER_AREA if size[0] * size[1] < a.shape[0] * a.shape[1] else cv2.INTER_LINEAR
     return np.clip(cv2.resize(a.astype(np.float32), tuple(size), interpolation=interp), 0, 1)
-
-def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS.n, level=DEFAULTS.mask_strength,
-                    clamp=DEFAULTS.clamp, batch_size=None, smooth=DEFAULTS.smooth):
-    "Raise a ValueError naming the first mask knob out of range."
-    if not (isinstance(n, (int, np.integer)) and n >= 1): raise ValueError(f"n must be an integer >= 1 (noise draws); got {n!r}.")
-    if threshold != "otsu" and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise ValueError(f"threshold must be in [0, 1] or 'otsu'; got {threshold!r}.")
-    if not (isinstance(blur, (int, np.integer)) and blur >= 0): raise ValueError(f"blur must be an integer >= 0 (kernel size in pixels, 0 = none); got {blur!r}.")
-    if not (isinstance(level, (int, float)) and 0 < level <= 1): raise ValueError(f"mask_strength must be in (0, 1]; got {level!r}.")
-    if clamp is not None and not (isinstance(clamp, (int, float)) and clamp > 0): raise ValueError(f"clamp must be > 0 or None; got {clamp!r}.")
-    if not (isinstance(smooth, (int, float)) and smooth >= 0): raise ValueError(f"smooth must be >= 0 (sigma in latent pixels, 0 = none); got {smooth!r}.")
-    if batch_size is not None and not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1): raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}.")
 
 def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
                 threshold:float=DEFAULTS.threshold, # keep pixels above this

@@ -15,7 +15,7 @@ from scipy.ndimage import binary_dilation
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .encode import clip_tokenizer, SD_SCHEDULER_CONFIG
-from .pipeline import shapes_model_path
+from .encode import shapes_model_path
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'background', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder',
