@@ -8,7 +8,8 @@ import argparse, io, sys, warnings
 from pathlib import Path
 from PIL import Image
 from . import __version__
-from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, check_knobs, write_atomic
+from dataclasses import asdict
+from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, Knobs, check_knobs, write_atomic
 
 # %% auto #0
 __all__ = ['CLIError', 'save_image', 'main']
@@ -34,6 +35,7 @@ def _parser():
     p.add_argument("--smooth", type=float, default=d.smooth, help=f"Gaussian smoothing of the map, latent pixels (default {d.smooth})")
     p.add_argument("--blur", type=int, default=d.blur, help=f"mask feathering kernel size in pixels (default {d.blur})")
     p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the mask")
+    p.add_argument("--no-refine", action="store_true", help="do not snap the mask to the image's edges")
     p.add_argument("--start", type=float, default=d.start, help=f"noise level the edit starts from (default {d.start})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help=f"classifier-free guidance (default {d.guidance_scale})")
@@ -75,9 +77,10 @@ def main(argv:list|None=None)->int:
     "The `diffedit` command."
     a = _parser().parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
     try:
-        check_knobs(n=a.n, mask_strength=a.mask_strength, threshold=a.threshold, smooth=a.smooth, blur=a.blur,
-                    fill_holes=not a.no_fill_holes, start=a.start, steps=a.steps, guidance_scale=a.guidance_scale,
-                    background=a.background)
+        knobs = Knobs(n=a.n, mask_strength=a.mask_strength, threshold=a.threshold, smooth=a.smooth, blur=a.blur,
+                      fill_holes=not a.no_fill_holes, refine=not a.no_refine, start=a.start, steps=a.steps,
+                      guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt)
+        check_knobs(knobs)
         _check_input(a.image)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
         if a.mask_out and Path(a.mask_out).absolute() == Path(a.out).absolute(): raise CLIError("-o and --mask-out are the same file")
@@ -88,10 +91,7 @@ def main(argv:list|None=None)->int:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
             de = DiffEdit.from_pretrained(a.model, device=a.device, dtype=a.dtype)
-            res = de(image, ref=a.ref, query=a.query, seed=a.seed, n=a.n, mask_strength=a.mask_strength, threshold=a.threshold,
-                     smooth=a.smooth, blur=a.blur, fill_holes=not a.no_fill_holes, start=a.start, steps=a.steps,
-                     guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt,
-                     progress=not a.quiet)
+            res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **asdict(knobs))
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)

@@ -10,22 +10,23 @@ from pathlib import Path
 import os, stat, secrets
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'DEFAULTS', 'Defaults', 'check_mask_args', 'check_denoise_args', 'check_knobs',
-           'write_atomic']
+__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'DEFAULTS', 'Defaults', 'Knobs', 'check_mask_args', 'check_denoise_args',
+           'check_knobs', 'write_atomic']
 
 # %% ../nbs/00_defaults.ipynb #1f0943ae
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BACKGROUNDS = ("inversion", "renoise", "uncond") # how the unmasked latents are kept during the edit (`04_denoise`)
 
 @dataclass(frozen=True)
-class Defaults:
-    "The defaults of every DiffEdit knob."
+class Knobs:
+    "Every knob of a DiffEdit edit; `Knobs()` are the defaults, `Knobs(start=0.9)` the defaults but one."
     n: int = 10                 # noise draws averaged for the mask
     mask_strength: float = 0.5  # noise level of the mask runs (fraction of the schedule)
     clamp: float|None = None    # clamp the difference map at this many times its mean before normalising (None: no clamp)
     smooth: float = 0.7         # Gaussian smoothing of the map (sigma in latent pixels)
     threshold: float|str = "otsu" # mask = normalised map > threshold (a number in [0, 1], or "otsu": Otsu's threshold)
     fill_holes: bool = True     # fill holes inside the binary mask
+    refine: bool = True         # snap the mask to the image's edges (guided filter, `03_mask`)
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
     start: float = 0.8          # noise level the edit starts from (0.5 = halfway)
     steps: int = 20             # DDIM steps of the full schedule
@@ -33,14 +34,16 @@ class Defaults:
     background: str = "renoise" # how the unmasked latents are kept: "renoise", "inversion" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
 
-DEFAULTS = Defaults()
+DEFAULTS = Knobs()
+Defaults = Knobs  # the name of earlier releases
 
 # %% ../nbs/00_defaults.ipynb #3a075c52
 def _int_at_least(v, lo): return isinstance(v, Integral) and not isinstance(v, bool) and v >= lo
 def _number(v): return isinstance(v, Real) and not isinstance(v, bool)
 
 def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS.n, level=DEFAULTS.mask_strength,
-                    clamp=DEFAULTS.clamp, batch_size=None, smooth=DEFAULTS.smooth, fill_holes=DEFAULTS.fill_holes):
+                    clamp=DEFAULTS.clamp, batch_size=None, smooth=DEFAULTS.smooth, fill_holes=DEFAULTS.fill_holes,
+                    refine=DEFAULTS.refine):
     "Raise a ValueError naming the first mask knob out of range."
     if not _int_at_least(n, 1): raise ValueError(f"n must be an integer >= 1 (noise draws); got {n!r}.")
     if threshold != "otsu" and not (_number(threshold) and 0 <= threshold <= 1):
@@ -50,7 +53,8 @@ def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS
     if clamp is not None and not (_number(clamp) and clamp > 0): raise ValueError(f"clamp must be > 0 or None; got {clamp!r}.")
     if not (_number(smooth) and smooth >= 0): raise ValueError(f"smooth must be >= 0 (sigma in latent pixels, 0 = none); got {smooth!r}.")
     if batch_size is not None and not _int_at_least(batch_size, 1): raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}.")
-    if not (isinstance(fill_holes, bool) or getattr(getattr(fill_holes, "dtype", None), "kind", "") == "b"): raise ValueError(f"fill_holes must be True or False; got {fill_holes!r}.")
+    for name, v in (("fill_holes", fill_holes), ("refine", refine)):
+        if not (isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b"): raise ValueError(f"{name} must be True or False; got {v!r}.")
 
 def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scale=DEFAULTS.guidance_scale,
                        background=DEFAULTS.background):
@@ -64,14 +68,14 @@ def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scal
     if not (_number(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
 
-def check_knobs(*, n=DEFAULTS.n, mask_strength=DEFAULTS.mask_strength, clamp=DEFAULTS.clamp, smooth=DEFAULTS.smooth,
-                threshold=DEFAULTS.threshold, fill_holes=DEFAULTS.fill_holes, blur=DEFAULTS.blur, start=DEFAULTS.start,
-                steps=DEFAULTS.steps, guidance_scale=DEFAULTS.guidance_scale, background=DEFAULTS.background,
-                batch_size=None):
-    "Check every knob of an edit (the ones not given are the defaults, which pass)."
-    check_mask_args(threshold=threshold, blur=blur, n=n, level=mask_strength, clamp=clamp, batch_size=batch_size,
-                    smooth=smooth, fill_holes=fill_holes)
-    check_denoise_args(start=start, steps=steps, guidance_scale=guidance_scale, background=background)
+def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
+                batch_size=None, # noise draws per UNet call of the mask (None: all)
+               ):
+    "Check every knob of an edit: a ValueError naming the first one out of range."
+    k = knobs
+    check_mask_args(threshold=k.threshold, blur=k.blur, n=k.n, level=k.mask_strength, clamp=k.clamp, batch_size=batch_size,
+                    smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine)
+    check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background)
 
 # %% ../nbs/00_defaults.ipynb #51e4d4e7
 def write_atomic(path:str|Path, # the file to write (its folder must exist)

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from transformers import CLIPTextModel, CLIPTextConfig, CLIPTokenizer
 from transformers.utils import logging as tf_logging
-from .defaults import DEFAULT_MODEL, Defaults, DEFAULTS, write_atomic
+from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic
 
 # %% auto #0
 __all__ = ['SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype', 'resolve_device_dtype',
@@ -125,6 +125,15 @@ def check_model_source(model:str, # hub id or local folder
     return {}
 
 # %% ../nbs/00_encode.ipynb #6783afa0
+def _load_weights(cls, model, subfolder, **kw):
+    "`cls.from_pretrained` of one component, refusing weights that leave parameters of the architecture unset."
+    m, info = cls.from_pretrained(model, subfolder=subfolder, output_loading_info=True, **kw)
+    if info.get("missing_keys"):  # transformers only warns, and the model would run with random weights
+        miss = sorted(info["missing_keys"])
+        raise OSError(f"{subfolder}: {len(miss)} weights of the architecture are not in the checkpoint (e.g. {miss[0]!r}), "
+                      "so it would run with random weights; the files may be from an incompatible library version.")
+    return m
+
 def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
             device=None, # default: "cuda" if available, else "cpu"
             dtype=None,  # default: float16 on cuda, float32 on cpu
@@ -143,10 +152,10 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
             warnings.simplefilter("always")
             kw = dict(torch_dtype=dtype, **kwargs)
             sd = SDComponents(
-                vae=AutoencoderKL.from_pretrained(model, subfolder="vae", **kw),
-                text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),
+                vae=_load_weights(AutoencoderKL, model, "vae", **kw),
+                text_encoder=_load_weights(CLIPTextModel, model, "text_encoder", **kw),
                 tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
-                unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw),
+                unet=_load_weights(UNet2DConditionModel, model, "unet", **kw),
                 scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs))
     except OSError as e:
         where = "the local folder" if local.is_dir() else "the hub id"

@@ -10,12 +10,13 @@ import torch
 import cv2
 from scipy.ndimage import binary_fill_holes
 from tqdm.auto import tqdm
-from .encode import SDComponents
+from .encode import SDComponents, show_images
 from .defaults import DEFAULTS, check_mask_args
 from .noise import noise_latents
 
 # %% auto #0
-__all__ = ['mask_map', 'resize_map', 'refine_mask', 'latent_mask', 'show_thresholds', 'show_blurs']
+__all__ = ['mask_map', 'resize_map', 'otsu_threshold', 'refine_mask', 'latent_mask', 'show_thresholds', 'show_blurs', 'snap_mask',
+           'map_separation', 'refine_edges']
 
 # %% ../nbs/03_mask.ipynb #cb4f758d
 @torch.no_grad()
@@ -54,17 +55,24 @@ def resize_map(a:np.ndarray|torch.Tensor, # (h, w) map
     interp = cv2.INTER_AREA if size[0] * size[1] < a.shape[0] * a.shape[1] else cv2.INTER_LINEAR
     return np.clip(cv2.resize(a.astype(np.float32), tuple(size), interpolation=interp), 0, 1)
 
+def otsu_threshold(mask_map:np.ndarray, # (H, W) map in [0, 1]
+                  )->float: # a threshold in [0, 1]
+    "Otsu's threshold of a map (OpenCV): the one that best separates its values into two groups."
+    return cv2.threshold((mask_map * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
+
 def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
-                threshold:float=DEFAULTS.threshold, # keep pixels above this
+                threshold:float=DEFAULTS.threshold, # keep pixels above this ("otsu": `otsu_threshold`)
                 fill_holes:bool=DEFAULTS.fill_holes, # fill holes inside the mask (SciPy)
                 blur:int=DEFAULTS.blur, # Gaussian kernel size for feathering, 0 = none (OpenCV)
+                image:np.ndarray|None=None, # uint8 (H, W, 3): snap the mask to this image's edges (`refine_edges`); None: don't
+                cell:float=8., # image pixels per latent pixel (for `refine_edges`)
                )->np.ndarray: # (H, W) float32 alpha in [0, 1]; the mask is alpha > 0
-    "Threshold, fill and feather a difference map into the blending weight of the edit."
+    "Threshold, fill, snap to the image's edges and feather a difference map into the blending weight of the edit."
     check_mask_args(threshold=threshold, blur=blur)
-    if threshold == "otsu":  # Otsu's threshold: the one that best separates the map's two modes
-        threshold = cv2.threshold((mask_map * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
+    if threshold == "otsu": threshold = otsu_threshold(mask_map)
     binary = mask_map > threshold
     if fill_holes: binary = binary_fill_holes(binary)
+    if image is not None: binary = refine_edges(image, mask_map, binary, threshold, cell)[0]
     alpha = binary.astype(np.float32)
     if blur > 0:
         k = blur | 1  # OpenCV needs an odd kernel size
@@ -72,7 +80,7 @@ def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
     return alpha
 
 # %% ../nbs/03_mask.ipynb #f62a9c21
-def latent_mask(alpha:np.ndarray, # (H, W) blending weight at working image size
+def latent_mask(alpha:np.ndarray, # (H, W) blending weight at image size (working or input)
                 shape:tuple, # (h, w) of the latents
                 device=None, dtype=torch.float32)->torch.Tensor: # (1, 1, h, w) of 0/1
     "Binary latent-size mask covering every latent pixel the image mask touches."
@@ -90,3 +98,54 @@ def show_blurs(image, mask_map:np.ndarray, blurs=(0, 3, 7, 15), threshold=DEFAUL
     "The image, and the mask feathered with each blur size."
     alphas = [refine_mask(mask_map, threshold, blur=b) for b in blurs]
     return show_images([image] + alphas, ["image"] + [f"blur {b}" for b in blurs], **kwargs)
+
+# %% ../nbs/03_mask.ipynb #25fe5107
+def _guided(image, src, radius, eps):
+    "OpenCV's guided filter of `src` with `image` as the guide; `eps` in [0, 1]^2 colour units."
+    return cv2.ximgproc.guidedFilter(image, src.astype(np.float32), max(int(round(radius)), 1), eps * 255 ** 2)
+
+def snap_mask(image:np.ndarray, # uint8 (H, W, 3) guide
+              mask:np.ndarray, # bool (H, W) starting mask
+              radius:float, # guided-filter window radius in pixels
+              eps:float=1e-3, # guided-filter regularisation (colour variance, [0, 1] units)
+              iters:int=10, # at most this many passes
+              tol:float=1e-3, # stop when fewer than this fraction of the pixels change in a pass
+             )->tuple: # (bool (H, W) mask, passes run)
+    "Iterated guided filtering of a binary mask: each pass re-fits it as a local linear function of colour (> 0.5)."
+    for i in range(iters):
+        new = _guided(image, mask, radius, eps) > 0.5
+        changed = np.count_nonzero(new != mask); mask = new
+        if changed <= tol * mask.size: break
+    return binary_fill_holes(mask), i + 1
+
+def map_separation(mask_map:np.ndarray, # (H, W) map in [0, 1]
+                   mask:np.ndarray, # bool (H, W)
+                  )->float:
+    "Between-class variance of the map split by `mask` (what Otsu's threshold maximises)."
+    if not mask.any() or mask.all(): return 0.
+    w = mask.mean()
+    return float(w * (1 - w) * (mask_map[mask].mean() - mask_map[~mask].mean()) ** 2)
+
+def refine_edges(image:np.ndarray, # uint8 (H, W, 3), the image at the size of the map
+                 mask_map:np.ndarray, # float (H, W) in [0, 1]: the difference map enlarged to (H, W)
+                 coarse:np.ndarray, # bool (H, W): the unrefined mask (threshold and hole filling of `mask_map`)
+                 threshold:float|None=None, # the threshold `coarse` was cut at; None: Otsu's
+                 cell:float=8., # image pixels per latent pixel (8 for Stable Diffusion at its working size)
+                 radius:float=4., # snapping window radius, in latent pixels
+                 eps:float=1e-3, # guided-filter regularisation
+                 min_sep:float=0.25, # fall back when the result keeps less than this share of `coarse`'s separation of the map
+                )->tuple: # (bool (H, W) mask, info dict)
+    "Snap a latent-resolution mask to the image's edges with guided filters; fall back to `coarse` when the map disagrees."
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    m = np.clip(np.nan_to_num(np.asarray(mask_map, np.float32)), 0, 1)
+    coarse = np.asarray(coarse, bool)
+    if not coarse.any() or coarse.all(): return coarse.copy(), dict(fell_back=True, reason="nothing to refine")
+    t = otsu_threshold(m) if threshold is None else threshold
+    start = binary_fill_holes(np.clip(_guided(image, m, 2 * cell, eps), 0, 1) > t)  # 1. edge-aware upsampling of the map
+    mask, passes = snap_mask(image, start, radius * cell, eps)                         # 2. snap to the edges
+    sep = map_separation(m, mask) / max(map_separation(m, coarse), 1e-12)             # 3. does the map agree?
+    info = dict(fell_back=False, passes=passes, separation=sep)
+    if not mask.any() or sep < min_sep:
+        info.update(fell_back=True, reason="empty" if not mask.any() else f"separation {sep:.2f} < {min_sep}")
+        return coarse.copy(), info
+    return mask, info

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from .defaults import DEFAULTS, DEFAULT_MODEL, check_knobs
+from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
 from .encode import SDComponents, load_sd, load_image, model_size, encode, decode, show_images, shapes_model_path
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, make_generator
@@ -41,7 +41,7 @@ class EditResult(MaskResult):
 # %% ../nbs/05_pipeline.ipynb #0e26f8bc
 def composite(original:Image.Image, # RGB input at its own size
               edited:Image.Image, # the decoded edit at working size
-              alpha:np.ndarray, # (h, w) blending weight at working size
+              alpha:np.ndarray, # (h, w) blending weight, at any size (enlarged or shrunk to the input's)
              )->tuple: # (image, alpha at input size)
     "Blend `edited` into `original` with `alpha`; pixels where alpha is 0 stay the input's."
     a = resize_map(alpha, original.size)[..., None]
@@ -111,15 +111,22 @@ def _prepare(self:DiffEdit, image):
     size = model_size(original.size, self.sd.resolution, self.sd.multiple)
     return original, size, encode(self.sd, original, size)
 
-def _mask_step(self:DiffEdit, latents, size, ref, query, sched, n, mask_strength, clamp, smooth, threshold, fill_holes,
-               blur, batch_size, generator, progress):
-    "Map at latent size and blending weight alpha at working size."
-    _, e_ref, e_query = self.embeds("", ref, query)[:, None]
-    m = mask_map(self.sd, sched, latents, e_ref, e_query, n=n, level=mask_strength, clamp=clamp, smooth=smooth,
-                 batch_size=batch_size, generator=generator, progress=progress)
-    return m, refine_mask(resize_map(m, size), threshold, fill_holes, blur)
+def _mask_size(self:DiffEdit, size:tuple)->tuple:
+    "The size the mask is made at: the input's, or about twice the model's resolution for a larger input."
+    r = 2 * self.sd.resolution
+    return tuple(size) if size[0] * size[1] <= r * r else model_size(size, r, 1)
 
-DiffEdit._prepare, DiffEdit._mask_step = _prepare, _mask_step
+def _mask_step(self:DiffEdit, original, latents, ref, query, sched, k:Knobs, generator, batch_size=None, progress=True):
+    "The map at latent size (h, w), and the blending weight alpha at `_mask_size`, snapped to the image's edges."
+    _, e_ref, e_query = self.embeds("", ref, query)[:, None]
+    m = mask_map(self.sd, sched, latents, e_ref, e_query, n=k.n, level=k.mask_strength, clamp=k.clamp, smooth=k.smooth,
+                 batch_size=batch_size, generator=generator, progress=progress)
+    size = self._mask_size(original.size)
+    img = original if size == original.size else original.resize(size, Image.Resampling.LANCZOS)
+    return m, refine_mask(resize_map(m, size), k.threshold, k.fill_holes, k.blur,
+                          image=np.asarray(img) if k.refine else None, cell=size[0] / latents.shape[-1])
+
+DiffEdit._prepare, DiffEdit._mask_size, DiffEdit._mask_step = _prepare, _mask_size, _mask_step
 
 def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           ref:str, # what is in the image
@@ -130,7 +137,8 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULTS.smooth, # Gaussian smoothing of the map (sigma, latent pixels)
           threshold:float|str=DEFAULTS.threshold, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULTS.fill_holes, # fill holes in the mask
-          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, working-size pixels)
+          refine:bool=DEFAULTS.refine, # snap the mask to the image's edges
+          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           steps:int=DEFAULTS.steps, # DDIM schedule length (sets the mask timestep)
           seed:int|None=None, # seed of the noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
@@ -138,14 +146,14 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           progress:bool=True)->MaskResult:
     "The DiffEdit mask of `image` between `ref` and `query`."
     _check_prompts(ref, query)
-    check_knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
-                blur=blur, steps=steps, start=1., batch_size=batch_size)  # start=1: any steps >= 1 will do for a mask
+    k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
+              refine=refine, blur=blur, steps=steps, start=1.)  # start=1: any steps >= 1 will do for a mask
+    check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query)
     original, size, lat = self._prepare(image)
-    m, alpha = self._mask_step(lat, size, ref, query, ddim_scheduler(self.sd, steps), n, mask_strength, clamp, smooth,
-                               threshold, fill_holes, blur, batch_size, make_generator(seed, generator), progress)
-    a = resize_map(alpha, original.size)
-    return MaskResult(_mask_image(a), resize_map(m, original.size))
+    m, alpha = self._mask_step(original, lat, ref, query, ddim_scheduler(self.sd, steps), k, make_generator(seed, generator),
+                               batch_size, progress)
+    return MaskResult(_mask_image(resize_map(alpha, original.size)), resize_map(m, original.size))
 
 DiffEdit.mask = _mask
 
@@ -159,7 +167,8 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULTS.smooth, # Gaussian smoothing of the map (sigma, latent pixels); 0: none
           threshold:float|str=DEFAULTS.threshold, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULTS.fill_holes, # fill holes in the mask
-          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, working-size pixels)
+          refine:bool=DEFAULTS.refine, # snap the mask to the image's edges
+          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           start:float=DEFAULTS.start, # noise level the edit starts from (0.5 = halfway)
           steps:int=DEFAULTS.steps, # DDIM steps of the full schedule
           guidance_scale:float=DEFAULTS.guidance_scale, # classifier-free guidance towards the query
@@ -175,16 +184,17 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     # 1. check inputs, before any model work
     _check_prompts(ref, query)
     if negative_prompt is not None: _check_prompts(negative_prompt, query)
-    check_knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
-                blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background, batch_size=batch_size)
+    k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
+              refine=refine, blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background,
+              negative_prompt=negative_prompt)
+    check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
     g = make_generator(seed, generator)
     sched = ddim_scheduler(self.sd, steps)
     # 2. load and encode the image once: latents (1, 4, h, w)
     original, size, lat = self._prepare(image)
-    # 3. mask: map (h, w) and blending weight alpha (H, W) at working size
-    m, alpha = self._mask_step(lat, size, ref, query, sched, n, mask_strength, clamp, smooth, threshold, fill_holes,
-                               blur, batch_size, g, progress)
+    # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`)
+    m, alpha = self._mask_step(original, lat, ref, query, sched, k, g, batch_size, progress)
     mask_map_in = resize_map(m, original.size)
     if not alpha.any():  # nothing to edit
         return EditResult(Image.new("L", original.size, 0), mask_map_in, original.copy())

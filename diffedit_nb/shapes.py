@@ -5,11 +5,13 @@
 # %% ../nbs/06_shapes.ipynb #cf105be3
 from __future__ import annotations
 import copy, json, math, time
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import cv2
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, StableDiffusionPipeline
@@ -18,10 +20,11 @@ from .encode import clip_tokenizer, SD_SCHEDULER_CONFIG
 from .encode import shapes_model_path
 
 # %% auto #0
-__all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'background', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder',
-           'make_unet', 'render', 'to_x', 'cosine_lr', 'train_vae', 'latent_stats', 'train_unet', 'save_model',
-           'save_train_log', 'load_train_log', 'color_index', 'nearest_color', 'object_color', 'iou', 'coverage',
-           'far_from', 'edit_target', 'edit_report', 'evaluate']
+__all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'PHOTOS', 'TEXTURES', 'PHOTO_OBJECTS', 'background', 'object_mask', 'Scene',
+           'scene', 'make_vae', 'make_text_encoder', 'make_unet', 'render', 'to_x', 'cosine_lr', 'train_vae',
+           'latent_stats', 'train_unet', 'save_model', 'save_train_log', 'load_train_log', 'color_index',
+           'nearest_color', 'object_color', 'iou', 'coverage', 'far_from', 'edit_target', 'edit_report', 'evaluate',
+           'PhotoScene', 'photo_scene', 'degraded_map']
 
 # %% ../nbs/06_shapes.ipynb #354f2f82
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 205, 40)}
@@ -315,3 +318,74 @@ def evaluate(de, # a DiffEdit object
     return dict(n=len(col), color_iou=m(col, 'iou'), color_coverage=m(col, 'coverage'), color_ok=m(col, 'color_ok'),
                 color_bg_change=m(col, 'bg_change'), color_bg_changed_frac=m(col, 'bg_changed_frac'),
                 shape_coverage=m(shp, 'coverage'), shape_bg_change=m(shp, 'bg_change'), shape_bg_changed_frac=m(shp, 'bg_changed_frac'))
+
+# %% ../nbs/06_shapes.ipynb #6b0c4bc3
+PHOTOS, TEXTURES = ('astronaut', 'coffee', 'chelsea', 'rocket'), ('grass', 'gravel', 'brick')
+PHOTO_OBJECTS = ('circle', 'square', 'triangle', 'ellipse', 'blob')
+_MODEL_WORD = dict(circle='circle', square='square', triangle='triangle', ellipse='circle', blob='circle')  # nearest word the shapes model knows
+
+@dataclass
+class PhotoScene(Scene):
+    "A photo composite: a `Scene` whose object has soft edges (`alpha`); `mask` is `alpha > 0.5`."
+    alpha: np.ndarray = None # float32 (size, size) in [0, 1]
+
+@lru_cache(None)
+def _photo(name):
+    from skimage import data  # scikit-image bundles these photos and textures: no download
+    return getattr(data, name)()
+
+def _crop(img, rng, size, min_frac=0.4):
+    "A random square crop of `img` covering `min_frac`-1 of its short side, resized to `size`."
+    h, w = img.shape[:2]; s = int(rng.uniform(min_frac, 1) * min(h, w))
+    y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+    return cv2.resize(np.ascontiguousarray(img[y:y+s, x:x+s]), (size, size), interpolation=cv2.INTER_AREA)
+
+def _object_alpha(kind, rng, size):
+    "An object of `kind` at a random size and place, drawn at 4x and area-averaged: float coverage in [0, 1]."
+    S = 4 * size; s = rng.uniform(0.3, 0.6) * S
+    x0, y0 = rng.uniform(2, S - s - 2, 2)
+    m = Image.new('L', (S, S), 0); d = ImageDraw.Draw(m)
+    if kind == 'circle': d.ellipse([x0, y0, x0 + s, y0 + s], fill=255)
+    elif kind == 'square': d.rectangle([x0, y0, x0 + s, y0 + s], fill=255)
+    elif kind == 'triangle': d.polygon([(x0, y0 + s), (x0 + s, y0 + s), (x0 + s / 2, y0)], fill=255)
+    elif kind == 'ellipse':
+        e = rng.uniform(0.45, 0.8); w_, h_ = (s * e, s) if rng.random() < 0.5 else (s, s * e)
+        d.ellipse([x0, y0, x0 + w_, y0 + h_], fill=255)
+    else:  # blob: a star-shaped polygon with a smooth random radius
+        k = np.arange(1, 4); a, p = rng.uniform(0.05, 0.18, 3), rng.uniform(0, 2 * np.pi, 3)
+        t = np.linspace(0, 2 * np.pi, 120, endpoint=False)
+        r = s / 2 * (0.75 + (a[:, None] * np.cos(k[:, None] * t + p[:, None])).sum(0))
+        d.polygon(list(zip(x0 + s / 2 + r * np.cos(t), y0 + s / 2 + r * np.sin(t))), fill=255)
+    return cv2.resize(np.asarray(m, np.float32) / 255, (size, size), interpolation=cv2.INTER_AREA)
+
+def photo_scene(seed:int, # seed of numpy's `default_rng`; the same seed gives the same scene
+                size:int=128, # side of the square image
+               )->PhotoScene:
+    "A tinted, textured object with blurred edges, blended onto a half-desaturated photo crop."
+    rng = np.random.default_rng(seed)
+    bg = _crop(_photo(PHOTOS[rng.integers(len(PHOTOS))]), rng, size).astype(np.float32)
+    bg = 0.5 * bg + 0.5 * bg.mean(-1, keepdims=True)
+    color = list(COLORS)[rng.integers(len(COLORS))]; kind = PHOTO_OBJECTS[rng.integers(len(PHOTO_OBJECTS))]
+    tex = _crop(_photo(TEXTURES[rng.integers(len(TEXTURES))]), rng, size, 0.2).astype(np.float32)
+    if tex.ndim == 3: tex = tex.mean(-1)
+    tex = (tex - tex.mean()) / (tex.std() + 1e-6)
+    fill = np.array(COLORS[color], np.float32) * (1 + rng.uniform(0.15, 0.3) * tex[..., None])
+    alpha = np.clip(cv2.GaussianBlur(_object_alpha(kind, rng, size), (0, 0), rng.uniform(0.5, 2.0) * size / 128), 0, 1)
+    img = np.clip(bg * (1 - alpha[..., None]) + fill * alpha[..., None], 0, 255).round().astype(np.uint8)
+    return PhotoScene(Image.fromarray(img), alpha > 0.5, f'a {color} {_MODEL_WORD[kind]}', color, kind, alpha)
+
+def degraded_map(alpha:np.ndarray, # (H, W) true alpha (or mask)
+                 factor:int, # the latent grid is the side / factor
+                 rng:np.random.Generator|None=None, # for `shift` and `noise`
+                 blur:float=0., # Gaussian sigma on the latent grid
+                 shift:int=0, # roll by this many latent pixels in a random direction
+                 noise:float=0., # Gaussian noise on the latent grid
+                )->np.ndarray: # float32 (H, W) in [0, 1]
+    "The map a perfect model would give on the latent grid: `alpha` area-averaged down, degraded, normalised, enlarged."
+    H, W = alpha.shape
+    m = cv2.resize(np.asarray(alpha, np.float32), (W // factor, H // factor), interpolation=cv2.INTER_AREA)
+    if blur: m = cv2.GaussianBlur(m, (0, 0), blur)
+    if shift: m = np.roll(m, tuple(rng.choice([-shift, shift], 2)), axis=(0, 1))
+    if noise: m = m + rng.normal(0, noise, m.shape).astype(np.float32)
+    m = (m - m.min()) / max(m.max() - m.min(), 1e-6)
+    return np.clip(cv2.resize(m, (W, H), interpolation=cv2.INTER_LINEAR), 0, 1)
