@@ -28,10 +28,10 @@ class Knobs:
     fill_holes: bool = True     # fill holes inside the binary mask
     refine: bool = True         # snap the mask to the image's edges (guided filter, `03_mask`)
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
-    start: float = 0.8          # noise level the edit starts from (0.5 = halfway)
-    steps: int = 20             # DDIM steps of the full schedule
+    start: float = 1.0          # noise level the edit starts from (1 = pure noise, 0.5 = halfway)
+    steps: int = 10             # DDIM steps of the full schedule
     guidance_scale: float = 7.5 # classifier-free guidance towards the query
-    background: str = "renoise" # how the unmasked latents are kept: "renoise", "inversion" or "uncond"
+    background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
 
 DEFAULTS = Knobs()

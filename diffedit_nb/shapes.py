@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import cv2
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation
+from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .encode import clip_tokenizer, SD_SCHEDULER_CONFIG
@@ -222,6 +223,8 @@ def save_model(folder, # destination folder (created)
                                    scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    f = Path(folder)/'text_encoder'/'model.safetensors'  # keys with the `text_model.` prefix, as on the hub: transformers < 5.6 needs it
+    save_file({k if k.startswith('text_model.') else 'text_model.' + k: v for k, v in load_file(f).items()}, f, metadata={'format': 'pt'})
     return Path(folder)
 
 # %% ../nbs/06_shapes.ipynb #0a2f233b
