@@ -25,8 +25,10 @@ def _parser():
     p.add_argument("--query", required=True, help="what it should become, e.g. 'a bowl of apples'")
     p.add_argument("-o", "--out", required=True, help="output image path (.png, .jpg, .webp, ...)")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local diffusers folder, or 'shapes' (bundled, offline: knows 4 colours and 3 shapes, "
-                   f"prompts like 'a red circle'); default {DEFAULT_MODEL}")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x or SDXL, or 'shapes' (bundled, offline: "
+                   f"knows 4 colours and 3 shapes, prompts like 'a red circle'); default {DEFAULT_MODEL}")
+    p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
+    p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
     d = DEFAULTS
     p.add_argument("--n", type=int, default=d.n, help=f"noise draws for the mask (default {d.n})")
@@ -81,6 +83,7 @@ def main(argv:list|None=None)->int:
                       fill_holes=not a.no_fill_holes, refine=not a.no_refine, start=a.start, steps=a.steps,
                       guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt)
         check_knobs(knobs)
+        if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
         _check_input(a.image)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
         if a.mask_out and Path(a.mask_out).absolute() == Path(a.out).absolute(): raise CLIError("-o and --mask-out are the same file")
@@ -90,7 +93,8 @@ def main(argv:list|None=None)->int:
         image = load_image(a.image)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
-            de = DiffEdit.from_pretrained(a.model, device=a.device, dtype=a.dtype)
+            de = DiffEdit.from_pretrained(a.model, device=a.device, dtype=a.dtype, resolution=a.resolution,
+                                          **({"vae": a.vae} if a.vae else {}))
             res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **asdict(knobs))
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)

@@ -52,7 +52,7 @@ def denoise(sd:SDComponents, sched, # DDIM scheduler with the full schedule set 
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):
         inp = torch.cat([x] * (len(rows) - (background == "uncond")) + ([x_bg] if background == "uncond" else []))
-        eps = sd.unet(inp, t, encoder_hidden_states=emb).sample
+        eps = sd.predict(inp, t, emb)
         if guidance_scale == 1: eps_edit = eps[:1]
         else: eps_edit = eps[:1] + guidance_scale * (eps[1:2] - eps[:1])
         if background == "uncond":  # step both paths at once

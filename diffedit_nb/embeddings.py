@@ -31,12 +31,26 @@ def tokenize(tokenizer, prompts:list)->torch.Tensor: # (len(prompts), 77) token 
 
 # %% ../nbs/01_embeddings.ipynb #fcefe90b
 @torch.no_grad()
-def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden)
-    "CLIP text embeddings of `prompts`, in `sd`'s device and dtype."
+def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden); SDXL: (len(prompts), 77 + sd.pooled_rows, 2048)
+    "Text embeddings of `prompts` as the model conditions on them, in `sd`'s device and dtype."
+    if sd.family == "sdxl": return _embed_xl(sd, prompts)
     ids = tokenize(sd.tokenizer, prompts).to(sd.text_encoder.device)
     use_mask = getattr(sd.text_encoder.config, "use_attention_mask", False)
     mask = (ids != sd.tokenizer.pad_token_id).long() if use_mask else None
     return sd.text_encoder(ids, attention_mask=mask)[0].to(sd.dtype)
+
+def _embed_xl(sd:SDComponents, prompts:list)->torch.Tensor:
+    "SDXL: both encoders' penultimate hidden states side by side, then the pooled vector in `sd.pooled_rows` extra rows."
+    hidden = []
+    for tok, enc in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
+        out = enc(tokenize(tok, prompts).to(enc.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    hidden, pooled = torch.cat(hidden, -1), out[0]  # (B, 77, d1 + d2); (B, projection_dim) of the second encoder
+    d, k = hidden.shape[-1], sd.pooled_rows
+    rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)
+    emb = torch.cat([hidden, rows.to(hidden.dtype)], 1).to(sd.dtype)
+    if sd.force_zeros_for_empty_prompt: emb[[p == "" for p in prompts]] = 0  # the model's unconditional input
+    return emb
 
 def prompt_embeds(sd:SDComponents, ref:str, # what is in the image
                   query:str, # what it should become

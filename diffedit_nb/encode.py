@@ -6,33 +6,44 @@
 from __future__ import annotations
 import io, os, json, math, importlib.util, importlib.resources, tempfile, warnings
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
-from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
+from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from transformers import CLIPTextModel, CLIPTextConfig, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer
 from transformers.utils import logging as tf_logging
 from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic
 
 # %% auto #0
-__all__ = ['SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype', 'resolve_device_dtype',
-           'check_model_folder', 'check_model_source', 'load_sd', 'shapes_model_path', 'clip_tokenizer',
+__all__ = ['FAMILIES', 'SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype', 'resolve_device_dtype',
+           'model_family', 'check_model_folder', 'check_model_source', 'load_sd', 'shapes_model_path', 'clip_tokenizer',
            'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd', 'ImageLoadError', 'load_image', 'model_size',
-           'image_processor', 'encode', 'decode', 'show_images', 'show_latents']
+           'image_processor', 'vae_precision', 'encode', 'decode', 'show_images', 'show_latents']
 
 # %% ../nbs/00_encode.ipynb #a600d90c
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+
 @dataclass
 class SDComponents:
-    "The Stable Diffusion components DiffEdit uses, named as in diffusers."
+    "The Stable Diffusion components DiffEdit uses, named as in diffusers (SD 1.x/2.x, or SDXL with the `_2` parts)."
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     unet: UNet2DConditionModel
     scheduler: DDIMScheduler
+    text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's second text encoder (its pooled output conditions too)
+    tokenizer_2: CLIPTokenizer|None = None
+    force_zeros_for_empty_prompt: bool = False # SDXL: the empty prompt's conditioning is zeros (the model's config says)
 
+    @property
+    def family(self)->str: return "sdxl" if self.text_encoder_2 is not None else "sd"
+    def modules(self)->list:
+        "The torch modules: VAE, text encoder(s), UNet."
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.unet) if m is not None]
     @property
     def device(self): return self.unet.device
     @property
@@ -45,8 +56,25 @@ class SDComponents:
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
     @property
     def resolution(self):
-        "The image side the model was trained at (512 for SD 1.5, 64 for the shapes model)."
+        "The image side the model was trained at (512 for SD 1.5, 1024 for SDXL, 64 for the shapes model)."
         return self.unet.config.sample_size * self.vae_scale_factor
+    @property
+    def pooled_rows(self)->int:
+        "SDXL: rows appended to each prompt's embedding to carry its pooled vector (`01_embeddings`); 0 for SD."
+        if self.family == "sd": return 0
+        return math.ceil(self.text_encoder_2.config.projection_dim / self.unet.config.cross_attention_dim)
+
+    def predict(self, x:torch.Tensor, # (B, C, h, w) noisy latents
+                t, # timestep
+                emb:torch.Tensor, # (B or 1, tokens, d) prompt embeddings (`embed_prompts`)
+               )->torch.Tensor: # the UNet's output (epsilon or v, as the model predicts)
+        "The UNet's prediction, with the family's extra inputs: SDXL's pooled prompt vector and size/crop ids."
+        if self.family == "sd": return self.unet(x, t, encoder_hidden_states=emb).sample
+        k, p = self.pooled_rows, self.text_encoder_2.config.projection_dim
+        hidden, pooled = emb[:, :-k], emb[:, -k:].flatten(1)[:, :p]
+        h, w = (s * self.vae_scale_factor for s in x.shape[-2:])  # original size = target size = the working size, no crop
+        ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=emb.dtype).expand(len(emb), -1)
+        return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids)).sample
 
 # %% ../nbs/00_encode.ipynb #20622a20
 def default_device_dtype():
@@ -83,11 +111,26 @@ _NEEDS = {  # what each component folder must hold: (name in messages, any of th
     "tokenizer": [("vocab.json + merges.txt (or tokenizer.json)", ["tokenizer.json", "merges.txt"])],
     "scheduler": [("scheduler_config.json", ["scheduler_config.json"])],
 }
+_NEEDS_XL = {"text_encoder_2": _NEEDS["text_encoder"], "tokenizer_2": _NEEDS["tokenizer"]}
+
+def model_family(index:dict, # the model's `model_index.json`
+                )->str: # "sd" or "sdxl"
+    "The family of a diffusers pipeline from its `model_index.json`; a clear error for the ones DiffEdit does not drive."
+    cls, has = index.get("_class_name", "?"), lambda k: bool((index.get(k) or [None])[0])
+    supported = "; ".join(f"{v} ({k})" for k, v in FAMILIES.items())
+    if has("transformer") or not has("unet"):
+        raise ValueError(f"{cls} is a transformer (flow-matching) model such as SD3 or Flux; DiffEdit here drives UNet models: {supported}.")
+    if has("text_encoder_2") and not has("text_encoder"):
+        raise ValueError(f"{cls} looks like the SDXL refiner (no first text encoder), an image-to-image stage; use the SDXL base model.")
+    if not has("text_encoder"): raise ValueError(f"{cls} has no text encoder; supported: {supported}.")
+    return "sdxl" if has("text_encoder_2") else "sd"
 
 def check_model_folder(folder:Path):
     "Raise a FileNotFoundError naming every file a diffusers Stable Diffusion folder lacks."
-    missing = [] if (folder/"model_index.json").is_file() else ["model_index.json"]
-    for comp, needs in _NEEDS.items():
+    index = folder/"model_index.json"
+    missing = [] if index.is_file() else ["model_index.json"]
+    family = model_family(json.loads(index.read_text())) if index.is_file() else "sd"
+    for comp, needs in (_NEEDS | _NEEDS_XL if family == "sdxl" else _NEEDS).items():
         missing += [f"{comp}/{name}" for name, pats in needs if not any(any((folder/comp).glob(p)) for p in pats)]
     if missing: raise FileNotFoundError(f"The model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}. "
                                         f"Expected {_LAYOUT}.")
@@ -130,16 +173,22 @@ def _load_weights(cls, model, subfolder, **kw):
     m, info = cls.from_pretrained(model, subfolder=subfolder, output_loading_info=True, **kw)
     if info.get("missing_keys"):  # transformers only warns, and the model would run with random weights
         miss = sorted(info["missing_keys"])
-        raise OSError(f"{subfolder}: {len(miss)} weights of the architecture are not in the checkpoint (e.g. {miss[0]!r}), "
+        raise OSError(f"{subfolder or model}: {len(miss)} weights of the architecture are not in the checkpoint (e.g. {miss[0]!r}), "
                       "so it would run with random weights; the files may be from an incompatible library version.")
     return m
 
-def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
+def _model_index(model:str, kwargs:dict)->dict:
+    "The pipeline's `model_index.json` (local folder, or the hub: one small download)."
+    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token", "proxies")}
+    return dict(DiffusionPipeline.load_config(model, **hub))
+
+def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD 1.x/2.x or SDXL)
             device=None, # default: "cuda" if available, else "cpu"
             dtype=None,  # default: float16 on cuda, float32 on cpu
+            vae:AutoencoderKL|str|None=None, # another VAE (a model, hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix"
             **kwargs,    # passed to every `from_pretrained` (e.g. `variant="fp16"`, `local_files_only=True`)
            )->SDComponents:
-    "Load the DiffEdit components of a Stable Diffusion checkpoint."
+    "Load the DiffEdit components of a Stable Diffusion checkpoint (1.x, 2.x or XL)."
     device, dtype = resolve_device_dtype(device, dtype)
     model = str(model)
     local = Path(model).expanduser()
@@ -150,26 +199,37 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder
     try:
         with warnings.catch_warnings(record=True) as seen:  # shown only if loading works: a failure is one clean error
             warnings.simplefilter("always")
+            index = _model_index(model, kwargs)
+            family = model_family(index)
             kw = dict(torch_dtype=dtype, **kwargs)
-            sd = SDComponents(
-                vae=_load_weights(AutoencoderKL, model, "vae", **kw),
+            if isinstance(vae, (str, Path)): vae = _load_weights(AutoencoderKL, str(vae), None, torch_dtype=dtype)
+            parts = dict(
+                vae=vae if vae is not None else _load_weights(AutoencoderKL, model, "vae", **kw),
                 text_encoder=_load_weights(CLIPTextModel, model, "text_encoder", **kw),
                 tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
                 unet=_load_weights(UNet2DConditionModel, model, "unet", **kw),
                 scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs))
+            if family == "sdxl":
+                parts.update(text_encoder_2=_load_weights(CLIPTextModelWithProjection, model, "text_encoder_2", **kw),
+                             tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kwargs),
+                             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+            sd = SDComponents(**parts)
     except OSError as e:
         where = "the local folder" if local.is_dir() else "the hub id"
         raise OSError(f"Could not load the model from {where} {model!r}: {' '.join(str(e).split())[:300]}") from None
     finally:
         if bars: tf_logging.enable_progress_bar()
     for w in seen: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    for m in (sd.vae, sd.text_encoder, sd.unet): m.to(device).eval().requires_grad_(False)
+    for m in sd.modules(): m.to(device).eval().requires_grad_(False)
     return sd
 
+
 # %% ../nbs/00_encode.ipynb #4702227e
-def shapes_model_path()->Path:
+def shapes_model_path(family:str="sd", # "sd": the Stable Diffusion layout; "sdxl": the same model in SDXL's layout (`09_sdxl`)
+                     )->Path:
     "Folder of the small shapes model bundled in the package (`06_shapes`)."
-    return Path(importlib.resources.files("diffedit_nb")) / "models" / "shapes"
+    if family not in FAMILIES: raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}.")
+    return Path(importlib.resources.files("diffedit_nb")) / "models" / ("shapes" if family == "sd" else "shapes_xl")
 
 def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one
                   )->CLIPTokenizer:
@@ -200,59 +260,79 @@ SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_en
                            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
                            timestep_spacing="leading")
 
+def _ready(sd:SDComponents, device, dtype)->SDComponents:
+    for m in sd.modules(): m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return sd
+
 def tiny_sd(seed:int=0, # seed of the random weights
-            device="cpu", dtype=torch.float32)->SDComponents:
+            device="cpu", dtype=torch.float32,
+            family:str="sd", # "sd" or "sdxl" (two text encoders, pooled vector and size ids, as SDXL)
+           )->SDComponents:
     "Tiny Stable-Diffusion-architecture components with random weights (64x64 images, 16x16x4 latents)."
+    if family not in FAMILIES: raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}.")
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",)*3,
                         up_block_types=("UpDecoderBlock2D",)*3, latent_channels=4, layers_per_block=1,
                         norm_num_groups=8, sample_size=64)
-    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=77))
-    sd = SDComponents(vae, te, clip_tokenizer(), unet, DDIMScheduler(**SD_SCHEDULER_CONFIG))
-    for m in (sd.vae, sd.text_encoder, sd.unet):
-        m.to(device).eval().requires_grad_(False)
-        if dtype != torch.float32: m.to(dtype)
-    return sd
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32)
+    xl = dict(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32) if family == "sdxl" else {}
+    unet = UNet2DConditionModel(**{**dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                          cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), **xl})
+    te = CLIPTextModel(CLIPTextConfig(**text))
+    extra = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=clip_tokenizer(),
+                 force_zeros_for_empty_prompt=True) if family == "sdxl" else {}
+    return _ready(SDComponents(vae, te, clip_tokenizer(), unet, DDIMScheduler(**SD_SCHEDULER_CONFIG), **extra), device, dtype)
 
 # %% ../nbs/00_encode.ipynb #7093f9e6
-SD_ARCHS = {
+SD_ARCHS = {  # the published configs' values that differ from diffusers' defaults (which are SD 1.x's)
     "sd15": dict(unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
                  text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                            hidden_act="quick_gelu", projection_dim=768)),
     "sd21": dict(unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
                  text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                            hidden_act="gelu", projection_dim=512), scheduler=dict(prediction_type="v_prediction")),
+    "sdxl": dict(unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                           attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                           addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           hidden_act="quick_gelu", projection_dim=768),
+                 text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                             hidden_act="gelu", projection_dim=1280),
+                 vae=dict(scaling_factor=0.13025, force_upcast=True)),
 }
 
-def random_sd(arch:str="sd15", # "sd15" or "sd21"
+def random_sd(arch:str="sd15", # "sd15", "sd21" or "sdxl"
               device="cpu", dtype=torch.float32, seed:int=0)->SDComponents:
     "Stable Diffusion's real architecture (`arch`) with random weights and the real tokenizer."
     if arch not in SD_ARCHS: raise ValueError(f"arch must be one of {list(SD_ARCHS)}; got {arch!r}.")
     cfg = SD_ARCHS[arch]
     torch.manual_seed(seed)
     with torch.device(device):
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",)*4,
-                            up_block_types=("UpDecoderBlock2D",)*4, layers_per_block=2, latent_channels=4,
-                            sample_size=cfg["unet"]["sample_size"] * 8, scaling_factor=0.18215)
+        vae = AutoencoderKL(**{**dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",)*4,
+                                      up_block_types=("UpDecoderBlock2D",)*4, layers_per_block=2, latent_channels=4,
+                                      sample_size=cfg["unet"]["sample_size"] * 8, scaling_factor=0.18215), **cfg.get("vae", {})})
         unet = UNet2DConditionModel(**cfg["unet"])  # diffusers' defaults are SD's UNet
         te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg["text"]))
+        extra = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg["text_2"])),
+                     tokenizer_2=clip_tokenizer(), force_zeros_for_empty_prompt=True) if "text_2" in cfg else {}
     sched = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, **cfg.get("scheduler", {})})
-    sd = SDComponents(vae, te, clip_tokenizer(), unet, sched)
-    for m in (sd.vae, sd.text_encoder, sd.unet): m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return sd
+    return _ready(SDComponents(vae, te, clip_tokenizer(), unet, sched, **extra), device, dtype)
 
 # %% ../nbs/00_encode.ipynb #b40b9dae
 def save_sd(sd:SDComponents, folder:str|Path)->Path:
-    "Save `sd` as a diffusers Stable Diffusion folder (no safety checker)."
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    "Save `sd` as a diffusers Stable Diffusion (or SDXL) folder (no safety checker)."
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    parts = dict(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
+    if sd.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
+                                         force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)
+    else: pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -329,15 +409,26 @@ def image_processor(sd:SDComponents)->VaeImageProcessor:
     "diffusers' image processor for `sd`'s VAE (resize, [-1, 1] tensors, PIL)."
     return VaeImageProcessor(vae_scale_factor=sd.vae_scale_factor)
 
+@contextmanager
+def vae_precision(sd:SDComponents):
+    "Run the VAE in float32 inside this block where it overflows in half precision: SDXL's (`force_upcast` in its config), as diffusers does."
+    dt = sd.vae.dtype
+    up = sd.family == "sdxl" and dt == torch.float16 and getattr(sd.vae.config, "force_upcast", False)
+    if up: sd.vae.to(torch.float32)  # the fp16-fix VAE says force_upcast=False and stays in half precision
+    try: yield sd.vae.dtype
+    finally:
+        if up: sd.vae.to(dt)
+
 @torch.no_grad()
 def encode(sd:SDComponents, image:Image.Image, # an RGB image (see `load_image`)
            size:tuple|None=None, # (width, height) to encode at; default `model_size` of the image
-          )->torch.Tensor: # scaled latents, shape (1, 4, height/f, width/f)
+          )->torch.Tensor: # scaled latents, shape (1, 4, height/f, width/f), in the UNet's dtype
     "Encode `image` into scaled VAE latents at the model's working size."
     w, h = size or model_size(image.size, sd.resolution, sd.multiple)
-    x = image_processor(sd).preprocess(image, height=h, width=w).to(sd.vae.device, sd.vae.dtype)
-    lat = sd.vae.encode(x).latent_dist.mean
-    return (lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor
+    with vae_precision(sd) as dt:
+        x = image_processor(sd).preprocess(image, height=h, width=w).to(sd.vae.device, dt)
+        lat = sd.vae.encode(x).latent_dist.mean
+    return ((lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor).to(sd.dtype)
 
 # %% ../nbs/00_encode.ipynb #4a1e853d
 @torch.no_grad()
@@ -345,7 +436,7 @@ def decode(sd:SDComponents, latents:torch.Tensor, # scaled latents (batch, 4, h,
           )->list: # one PIL image per latent
     "Decode scaled latents into PIL images; never returns a NaN image."
     z = latents / sd.vae.config.scaling_factor + (sd.vae.config.shift_factor or 0.)
-    x = sd.vae.decode(z.to(sd.vae.dtype)).sample
+    with vae_precision(sd) as dt: x = sd.vae.decode(z.to(dt)).sample
     if not torch.isfinite(x).all() and sd.vae.dtype != torch.float32:
         # half-precision VAEs can overflow (SDXL's is known to): decode once more in float32
         dt = sd.vae.dtype

@@ -38,7 +38,7 @@ def mask_map(sd:SDComponents, sched, # DDIM scheduler (sets the timestep grid)
     for i in tqdm(range(0, n, bs), desc="mask", disable=not progress, leave=False):
         x = noisy[i:i + bs]; b = len(x)
         emb = torch.cat([ref_embeds.expand(b, -1, -1), query_embeds.expand(b, -1, -1)])
-        eps_ref, eps_query = sd.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
+        eps_ref, eps_query = sd.predict(torch.cat([x, x]), t, emb).chunk(2)
         diff += (eps_ref - eps_query).float().abs().sum(0)
     m = (diff / n).mean(0)  # (h, w)
     if smooth: m = torch.from_numpy(cv2.GaussianBlur(m.cpu().numpy(), (0, 0), smooth)).to(m.device)

@@ -57,7 +57,7 @@ def ddim_invert(sd:SDComponents, sched:DDIMScheduler, # the denoising scheduler 
     inv.timesteps = sched.timesteps.flip(0)  # the denoiser's grid, ascending
     x, traj = latents, [latents]
     for t in tqdm(inv.timesteps[:len(sched.timesteps) - start], desc="inversion", disable=not progress, leave=False):
-        eps = sd.unet(x, t, encoder_hidden_states=embeds).sample
+        eps = sd.predict(x, t, embeds)
         x = inv.step(eps, t, x).prev_sample
         traj.append(x)
     return traj[::-1]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
-from .encode import SDComponents, load_sd, load_image, model_size, encode, decode, show_images, shapes_model_path
+from .encode import SDComponents, model_family, load_sd, load_image, model_size, encode, decode, show_images, shapes_model_path
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, make_generator
 from .mask import mask_map, resize_map, refine_mask, latent_mask
@@ -56,7 +56,8 @@ def _mask_image(alpha:np.ndarray)->Image.Image:
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
 def _resolve_model(model):
-    return shapes_model_path() if str(model) == "shapes" else model
+    "The bundled models' short names: 'shapes' (SD layout) and 'shapes-xl' (the same model in SDXL's layout)."
+    return {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl")}.get(str(model), model)
 
 def _load_vocabulary(model)->dict|None:
     "The words a model folder says its model knows (`vocabulary.json`: category -> words), or None."
@@ -67,20 +68,31 @@ class DiffEdit:
     "DiffEdit: mask where `ref` and `query` disagree, then repaint only there."
     def __init__(self, sd:SDComponents,
                  vocabulary:dict|None=None, # category -> words the model knows; prompts with other words get a warning
+                 resolution:int|None=None, # image side to work at (None: the model's, 512 for SD 1.5, 1024 for SDXL)
                 ):
+        if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
+            raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
+        self.resolution = resolution or sd.resolution
 
     @classmethod
     def from_pretrained(cls, model:str|Path=DEFAULT_MODEL, # hub id, local diffusers folder, or "shapes"
-                        *, device=None, dtype=None, **kwargs):
-        "Load a Stable Diffusion checkpoint (1.x / 2.x layout) for editing."
+                        *, device=None, dtype=None,
+                        resolution:int|None=None, # image side to work at (None: the model's)
+                        **kwargs):
+        "Load a Stable Diffusion 1.x/2.x or SDXL checkpoint for editing (`vae=` another VAE, e.g. SDXL's fp16 fix)."
         model = _resolve_model(model)
-        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model))
+        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution)
 
     @classmethod
-    def from_pipe(cls, pipe):
-        "Reuse the components of a loaded diffusers Stable Diffusion pipeline (no copy)."
-        return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler))
+    def from_pipe(cls, pipe, resolution:int|None=None):
+        "Reuse the components of a loaded diffusers Stable Diffusion or SDXL pipeline (no copy)."
+        parts = {k: getattr(pipe, k, None) for k in ("unet", "transformer", "text_encoder", "text_encoder_2")}
+        model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
+        xl = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                  force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+                 ) if getattr(pipe, "text_encoder_2", None) is not None else {}
+        return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, **xl), resolution=resolution)
 
     def embeds(self, *prompts:str)->torch.Tensor:
         "Embeddings of `prompts`, computed once per prompt and cached."
@@ -108,12 +120,12 @@ def _check_vocabulary(vocabulary:dict|None, **prompts):
 def _prepare(self:DiffEdit, image):
     "Load the image and encode it once: (original, working size, latents)."
     original = load_image(image)
-    size = model_size(original.size, self.sd.resolution, self.sd.multiple)
+    size = model_size(original.size, self.resolution, self.sd.multiple)
     return original, size, encode(self.sd, original, size)
 
 def _mask_size(self:DiffEdit, size:tuple)->tuple:
     "The size the mask is made at: the input's, or about twice the model's resolution for a larger input."
-    r = 2 * self.sd.resolution
+    r = 2 * self.resolution
     return tuple(size) if size[0] * size[1] <= r * r else model_size(size, r, 1)
 
 def _mask_step(self:DiffEdit, original, latents, ref, query, sched, k:Knobs, generator, batch_size=None, progress=True):
