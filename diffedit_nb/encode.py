@@ -334,6 +334,10 @@ def save_sd(sd:SDComponents, folder:str|Path)->Path:
                                          force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)
     else: pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    from safetensors.torch import load_file, save_file  # text encoder keys with the `text_model.` prefix, as on the hub (transformers < 5.6 needs it)
+    for f in Path(folder).glob("text_encoder*/model.safetensors"):
+        fix = lambda k: k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
+        save_file({fix(k): v.contiguous() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     return Path(folder)
 
 # %% ../nbs/00_encode.ipynb #52438fb0
