@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from . import __version__
 from dataclasses import asdict
-from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, Knobs, check_knobs, write_atomic
+from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, Knobs, check_knobs, write_atomic
 
 # %% auto #0
 __all__ = ['CLIError', 'save_image', 'main']
@@ -42,6 +42,8 @@ def _parser():
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help=f"classifier-free guidance (default {d.guidance_scale})")
     p.add_argument("--background", choices=BACKGROUNDS, default=d.background, help=f"background strategy (default {d.background})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"the edit's sampler (default {d.sampler})")
+    p.add_argument("--spacing", choices=SPACINGS, default=d.spacing, help=f"the edit's timestep grid (default {d.spacing})")
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="negative prompt of the guidance (default: the empty prompt)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda, float32 on cpu")
@@ -81,7 +83,8 @@ def main(argv:list|None=None)->int:
     try:
         knobs = Knobs(n=a.n, mask_strength=a.mask_strength, threshold=a.threshold, smooth=a.smooth, blur=a.blur,
                       fill_holes=not a.no_fill_holes, refine=not a.no_refine, start=a.start, steps=a.steps,
-                      guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt)
+                      guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt,
+                      sampler=a.sampler, spacing=a.spacing)
         check_knobs(knobs)
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
         _check_input(a.image)

@@ -10,12 +10,14 @@ from pathlib import Path
 import os, stat, secrets
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'DEFAULTS', 'Defaults', 'Knobs', 'check_mask_args', 'check_denoise_args',
-           'check_knobs', 'write_atomic']
+__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'DEFAULTS', 'Defaults', 'Knobs', 'check_mask_args',
+           'check_denoise_args', 'check_knobs', 'write_atomic']
 
 # %% ../nbs/00_defaults.ipynb #1f0943ae
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BACKGROUNDS = ("inversion", "renoise", "uncond") # how the unmasked latents are kept during the edit (`04_denoise`)
+SAMPLERS = ("ddim", "dpm++2m", "euler") # the edit's sampler (`04_denoise`); "inversion" needs one diffusers can invert (not euler)
+SPACINGS = ("trailing", "leading", "linspace", "model") # the edit's timestep grid ("model": the model's scheduler config)
 
 @dataclass(frozen=True)
 class Knobs:
@@ -33,6 +35,8 @@ class Knobs:
     guidance_scale: float = 7.5 # classifier-free guidance towards the query
     background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
+    sampler: str = "ddim"       # the edit's sampler: "ddim", "dpm++2m" (DPM-Solver++ 2M) or "euler"
+    spacing: str = "model"    # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
@@ -57,9 +61,14 @@ def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS
         if not (isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b"): raise ValueError(f"{name} must be True or False; got {v!r}.")
 
 def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scale=DEFAULTS.guidance_scale,
-                       background=DEFAULTS.background):
+                       background=DEFAULTS.background, sampler=DEFAULTS.sampler, spacing=DEFAULTS.spacing):
     "Raise a ValueError naming the first denoising knob out of range."
     if background not in BACKGROUNDS: raise ValueError(f"background must be one of {BACKGROUNDS}; got {background!r}.")
+    if sampler not in SAMPLERS: raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}.")
+    if spacing not in SPACINGS: raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}.")
+    if background == "inversion" and sampler == "euler":
+        raise ValueError("background='inversion' needs a sampler diffusers can invert ('ddim' or 'dpm++2m'); "
+                         "with sampler='euler' use background='renoise' or 'uncond'.")
     if not _int_at_least(steps, 1): raise ValueError(f"steps must be an integer >= 1; got {steps!r}.")
     if not (_number(start) and 0 < start <= 1):
         raise ValueError(f"start must be a noise level in (0, 1] (0.5 = start halfway through the schedule); got {start!r}.")
@@ -75,7 +84,8 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
     k = knobs
     check_mask_args(threshold=k.threshold, blur=k.blur, n=k.n, level=k.mask_strength, clamp=k.clamp, batch_size=batch_size,
                     smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine)
-    check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background)
+    check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
+                       sampler=k.sampler, spacing=k.spacing)
 
 # %% ../nbs/00_defaults.ipynb #51e4d4e7
 def write_atomic(path:str|Path, # the file to write (its folder must exist)

@@ -4,19 +4,56 @@
 
 # %% ../nbs/04_denoise.ipynb #76f5f404
 from __future__ import annotations
+import copy
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverMultistepInverseScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from .encode import SDComponents
-from .defaults import DEFAULTS, BACKGROUNDS, check_denoise_args
+from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_args
 from .noise import start_index, ddim_invert
 
 # %% auto #0
-__all__ = ['denoise']
+__all__ = ['edit_scheduler', 'dpm_invert', 'denoise']
 
 # %% ../nbs/04_denoise.ipynb #474c0d37
+_SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+               "euler": (EulerDiscreteScheduler, {})}
+
+def edit_scheduler(sd:SDComponents, sampler:str=DEFAULTS.sampler, # "ddim", "dpm++2m" or "euler"
+                   steps:int=DEFAULTS.steps, spacing:str=DEFAULTS.spacing, # timestep grid; "model": the model's config
+                  ):
+    "A new scheduler of kind `sampler` for the edit, with `sd`'s noise schedule, set to `steps` steps on the `spacing` grid."
+    check_denoise_args(steps=steps, sampler=sampler, spacing=spacing, background="renoise")  # the background is denoise's to check
+    cls, extra = _SCHEDULERS[sampler]
+    s = cls.from_config(sd.scheduler.config, **extra, **({} if spacing == "model" else dict(timestep_spacing=spacing)))
+    s.set_timesteps(steps, device=sd.device)
+    return s
+
+def _sampler_name(sched)->str:
+    for name, (cls, _) in _SCHEDULERS.items():
+        if type(sched) is cls: return name
+    raise ValueError(f"denoise takes a DDIMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler (`edit_scheduler`); got {type(sched).__name__}.")
+
 @torch.no_grad()
-def denoise(sd:SDComponents, sched, # DDIM scheduler with the full schedule set (`ddim_scheduler`)
+def dpm_invert(sd:SDComponents, sched:DPMSolverMultistepScheduler, # the forward sampler, steps set
+               latents:torch.Tensor, embeds:torch.Tensor, start:int=0, progress:bool=True)->list:
+    "DPM-Solver++ inversion on `sched`'s own grid: `traj[i]` at `sched.timesteps[start+i]`, `traj[-1]` = `latents`."
+    inv = DPMSolverMultistepInverseScheduler.from_config(sched.config)
+    inv.set_timesteps(len(sched.timesteps), device=latents.device)
+    # diffusers' inverse grid is not the forward one (it ends at t=999); follow the forward grid reversed instead,
+    # from the clean latent taken at t=0 (sigma 0 would divide by zero), as DDIMInverseScheduler does
+    a0 = inv.alphas_cumprod[0]
+    inv.timesteps = torch.cat([sched.timesteps.new_zeros(1), sched.timesteps.flip(0)[:-1]])
+    inv.sigmas = torch.cat([((1 - a0) / a0).sqrt()[None], sched.sigmas.flip(0)[1:]]).to(inv.sigmas)
+    x, traj = latents, [latents]
+    for t in tqdm(inv.timesteps[:len(sched.timesteps) - start], desc="inversion", disable=not progress, leave=False):
+        x = inv.step(sd.predict(inv.scale_model_input(x, t), t, embeds), t, x).prev_sample
+        traj.append(x)
+    return traj[::-1]
+
+@torch.no_grad()
+def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`; or `ddim_scheduler`)
             latents:torch.Tensor, # (1, C, h, w) clean image latents
             uncond_embeds:torch.Tensor, # (1, 77, d) empty prompt
             query_embeds:torch.Tensor, # (1, 77, d) query prompt
@@ -29,22 +66,25 @@ def denoise(sd:SDComponents, sched, # DDIM scheduler with the full schedule set 
             progress:bool=True,
             negative_embeds:torch.Tensor|None=None, # (1, 77, d) guidance's negative prompt; None: the empty prompt
            )->torch.Tensor: # (1, C, h, w) edited latents
-    "Masked, query-guided DDIM denoising of `latents` from level `start`."
-    # 1. check inputs
-    check_denoise_args(start, len(sched.timesteps), guidance_scale, background)
+    "Masked, query-guided denoising of `latents` from level `start`, with the sampler `sched` is."
+    # 1. check inputs; a copy of the scheduler (DPM++ keeps past predictions, DPM++ and Euler a step index)
+    sampler = _sampler_name(sched)
+    check_denoise_args(start, len(sched.timesteps), guidance_scale, background, sampler)
+    s = sched if sampler == "ddim" else copy.deepcopy(sched)
     # 2. timesteps: the tail of the schedule from the start level
-    k = start_index(len(sched.timesteps), start)
-    ts = sched.timesteps[k:]
+    k = start_index(len(s.timesteps), start)
+    if hasattr(s, "set_begin_index"): s.set_begin_index(k)  # then add_noise goes by the step index, not its timestep
+    ts = s.timesteps[k:]
     mask = mask.to(latents.dtype)
-    # 3. start latent and background latents
+    # 3. start latent and background latents, in the sampler's own space (Euler's: latents + sigma * noise)
     if background == "inversion":
-        traj = ddim_invert(sd, sched, latents, uncond_embeds, start=k, progress=progress)  # traj[i] at ts[i], traj[-1] = latents
+        invert = ddim_invert if sampler == "ddim" else dpm_invert
+        traj = invert(sd, s, latents, uncond_embeds, start=k, progress=progress)  # traj[i] at ts[i], traj[-1] = latents
         x = traj[0]
     else:
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x = sched.add_noise(latents, noise, ts[:1])
-        x_bg = x
-    # 4. rows of each UNet call: [uncond, query] (+ [uncond] of the background path)
+        x = x_bg = s.add_noise(latents, noise, ts[:1])
+    # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path)
     neg = uncond_embeds if negative_embeds is None else negative_embeds
     rows = [query_embeds] if guidance_scale == 1 else [neg, query_embeds]
     if background == "uncond": rows.append(uncond_embeds)
@@ -52,17 +92,16 @@ def denoise(sd:SDComponents, sched, # DDIM scheduler with the full schedule set 
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):
         inp = torch.cat([x] * (len(rows) - (background == "uncond")) + ([x_bg] if background == "uncond" else []))
-        eps = sd.predict(inp, t, emb)
-        if guidance_scale == 1: eps_edit = eps[:1]
-        else: eps_edit = eps[:1] + guidance_scale * (eps[1:2] - eps[:1])
+        eps = sd.predict(s.scale_model_input(inp, t), t, emb)
+        eps_edit = eps[:1] if guidance_scale == 1 else eps[:1] + guidance_scale * (eps[1:2] - eps[:1])
         if background == "uncond":  # step both paths at once
-            x, x_bg = sched.step(torch.cat([eps_edit, eps[-1:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
+            x, x_bg = s.step(torch.cat([eps_edit, eps[-1:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
             bg = x_bg
         else:
-            x = sched.step(eps_edit, t, x).prev_sample
-            last = i + 1 == len(ts)
+            x = s.step(eps_edit, t, x).prev_sample
             if background == "inversion": bg = traj[i + 1]
-            else: bg = latents if last else sched.add_noise(latents, noise, ts[i + 1:i + 2])
+            elif i + 1 == len(ts): bg = latents  # the last step lands on the clean latent (DPM++/Euler: sigma 0; DDIM: nearly)
+            else: bg = s.add_noise(latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler: by step index)
         x = torch.lerp(bg, x, mask)  # mask * x + (1 - mask) * bg
         if callback is not None: callback(i, t, x)
     return x

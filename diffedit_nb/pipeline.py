@@ -15,7 +15,7 @@ from .encode import SDComponents, model_family, load_sd, load_image, model_size,
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, make_generator
 from .mask import mask_map, resize_map, refine_mask, latent_mask
-from .denoise import denoise
+from .denoise import denoise, edit_scheduler
 
 # %% auto #0
 __all__ = ['MaskResult', 'EditResult', 'composite', 'DiffEdit']
@@ -186,6 +186,8 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           guidance_scale:float=DEFAULTS.guidance_scale, # classifier-free guidance towards the query
           background:str=DEFAULTS.background, # "inversion" (paper), "renoise" (blog) or "uncond" (repo)
           negative_prompt:str|None=DEFAULTS.negative_prompt, # guidance's negative prompt; None: the reference
+          sampler:str=DEFAULTS.sampler, # the edit's sampler: "ddim", "dpm++2m" or "euler"
+          spacing:str=DEFAULTS.spacing, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           callback=None, # callback(i, t, latents) after each denoising step
@@ -198,11 +200,11 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     if negative_prompt is not None: _check_prompts(negative_prompt, query)
     k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
               refine=refine, blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background,
-              negative_prompt=negative_prompt)
+              negative_prompt=negative_prompt, sampler=sampler, spacing=spacing)
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
     g = make_generator(seed, generator)
-    sched = ddim_scheduler(self.sd, steps)
+    sched = ddim_scheduler(self.sd, steps)  # the mask's grid: the model's, as in the paper
     # 2. load and encode the image once: latents (1, 4, h, w)
     original, size, lat = self._prepare(image)
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`)
@@ -212,7 +214,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
         return EditResult(Image.new("L", original.size, 0), mask_map_in, original.copy())
     # 4. masked, guided denoising from `start`
     uncond, e_query, e_neg = self.embeds("", query, ref if negative_prompt is None else negative_prompt)[:, None]
-    edited = denoise(self.sd, sched, lat, uncond, e_query, latent_mask(alpha, lat.shape[-2:], lat.device, lat.dtype),
+    edited = denoise(self.sd, edit_scheduler(self.sd, sampler, steps, spacing), lat, uncond, e_query, latent_mask(alpha, lat.shape[-2:], lat.device, lat.dtype),
                      start=start, guidance_scale=guidance_scale, background=background, generator=g,
                      callback=callback, progress=progress, negative_embeds=e_neg)
     # 5. decode and put the edit back at the input's size
