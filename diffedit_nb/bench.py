@@ -229,8 +229,9 @@ def table(rows:list,
 def default_methods(de:DiffEdit, pipe=None, # diffusers' DiffEdit pipeline (`diffusers_pipe`), or None
                     ledits=None, # diffusers' LEDITS++ pipeline (`ledits_pipe`), or None
                     backgrounds:bool=True, # also ours with each other background strategy
+                    samplers:bool=True, # also ours on the model's own timestep grid, and with the other samplers
                     **kw)->dict: # knobs of ours (`DiffEdit.__call__`); the others take `DEFAULTS`
-    "The peers at their defaults, this project at its defaults, without edge snapping, and with each other background."
+    "The peers at their defaults, this project at its defaults, without edge snapping, with each other background, grid and sampler."
     m = {}
     if pipe is not None: m["diffusers DiffEdit (defaults)"] = lambda im, r, q, s: run_diffusers(pipe, im, r, q, s)
     if ledits is not None:
@@ -242,6 +243,10 @@ def default_methods(de:DiffEdit, pipe=None, # diffusers' DiffEdit pipeline (`dif
     for b in BACKGROUNDS if backgrounds else ():
         if b != kw.get("background", DEFAULTS.background):
             m[f"ours background={b}"] = lambda im, r, q, s, b=b: run_ours(de, im, r, q, s, **{**kw, "background": b})
+    if samplers:
+        m["ours spacing=model (previous grid)"] = lambda im, r, q, s: run_ours(de, im, r, q, s, **{**kw, "spacing": "model"})
+        m["ours sampler=dpm++2m"] = lambda im, r, q, s: run_ours(de, im, r, q, s, **{**kw, "sampler": "dpm++2m"})
+        m["ours sampler=euler, renoise"] = lambda im, r, q, s: run_ours(de, im, r, q, s, **{**kw, "sampler": "euler", "background": "renoise"})
     return m
 
 # %% ../nbs/07_bench.ipynb #7ccb6036

@@ -36,7 +36,7 @@ class Knobs:
     background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
     sampler: str = "ddim"       # the edit's sampler: "ddim", "dpm++2m" (DPM-Solver++ 2M) or "euler"
-    spacing: str = "model"    # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
+    spacing: str = "trailing" # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
