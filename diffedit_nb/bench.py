@@ -12,7 +12,7 @@ import cv2
 from PIL import Image
 from diffusers import StableDiffusionDiffEditPipeline, DDIMScheduler, DDIMInverseScheduler
 from diffusers import LEditsPPPipelineStableDiffusion, DPMSolverMultistepScheduler
-from .encode import SDComponents
+from .components import SDComponents
 from .defaults import DEFAULTS, BACKGROUNDS
 from .pipeline import DiffEdit
 from .shapes import scene, edit_target, COLORS, SHAPES_MODEL, iou, far_from, object_color, nearest_color, color_index
@@ -219,7 +219,7 @@ def table(rows:list,
     "The bench rows as a text table, with speed relative to the first row."
     cols = ["method"] + (COLOR_COLS if kind == "color" else SHAPE_COLS)
     if kind == "color" and any(np.isfinite(r.get("peak_mib", np.nan)) for r in rows): cols.append("peak_mib")  # CUDA only
-    w = {c: 30 if c == "method" else max(10, len(c)) for c in cols}
+    w = {c: max(30, *(len(r["method"]) for r in rows)) if c == "method" else max(10, len(c)) for c in cols}
     cell = lambda c, v: f"{v:<{w[c]}}" if c == "method" else f"{v:>{w[c]}.3f}" if isinstance(v, float) else f"{v:>{w[c]}}"
     lines = [" | ".join(f"{c:<{w[c]}}" if c == "method" else f"{c:>{w[c]}}" for c in cols)]
     lines += [" | ".join(cell(c, dict(r, speedup=rows[0]["sec"] / r["sec"])[c]) for c in cols) for r in rows]

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverMultistepInverseScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from .encode import SDComponents
+from .components import SDComponents
 from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_args
 from .noise import start_index, ddim_invert
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import warnings
 import torch
-from .encode import SDComponents
+from .components import SDComponents
 
 # %% auto #0
 __all__ = ['show_tokens', 'tokenize', 'embed_prompts', 'prompt_embeds']

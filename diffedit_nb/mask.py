@@ -10,7 +10,8 @@ import torch
 import cv2
 from scipy.ndimage import binary_fill_holes
 from tqdm.auto import tqdm
-from .encode import SDComponents, show_images
+from .components import SDComponents
+from .encode import show_images
 from .defaults import DEFAULTS, check_mask_args
 from .noise import noise_latents
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDIMInverseScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from .encode import SDComponents
+from .components import SDComponents
 
 # %% auto #0
 __all__ = ['ddim_scheduler', 'start_index', 'make_generator', 'noise_latents', 'ddim_invert']

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
-from .encode import SDComponents, model_family, load_sd, load_image, model_size, encode, decode, show_images, shapes_model_path
+from .components import SDComponents, model_family, load_sd, shapes_model_path
+from .encode import load_image, model_size, encode, decode, show_images
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, make_generator
 from .mask import mask_map, resize_map, refine_mask, latent_mask

@@ -8,7 +8,7 @@ import copy
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from diffusers import UNet2DConditionModel
-from .encode import SDComponents
+from .components import SDComponents
 
 # %% auto #0
 __all__ = ['sdxl_twin']

@@ -17,8 +17,8 @@ from scipy.ndimage import binary_dilation
 from safetensors.torch import load_file, save_file
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from .encode import clip_tokenizer, SD_SCHEDULER_CONFIG
-from .encode import shapes_model_path
+from .components import clip_tokenizer, SD_SCHEDULER_CONFIG
+from .components import shapes_model_path
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'PHOTOS', 'TEXTURES', 'PHOTO_OBJECTS', 'background', 'object_mask', 'Scene',
