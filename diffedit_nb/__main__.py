@@ -42,7 +42,7 @@ def _parser():
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help=f"classifier-free guidance (default {d.guidance_scale})")
     p.add_argument("--background", choices=BACKGROUNDS, default=d.background, help=f"background strategy (default {d.background})")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help=f"the edit's sampler (default {d.sampler})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="the edit's sampler (default: the model's own, DDIM; SD3: the flow's Euler)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing, help=f"the edit's timestep grid (default {d.spacing})")
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="negative prompt of the guidance (default: the empty prompt)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")

@@ -8,7 +8,7 @@ import os, json, math, importlib.util, importlib.resources, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer
 from transformers.utils import logging as tf_logging
 from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic
@@ -19,53 +19,70 @@ __all__ = ['FAMILIES', 'SD_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'defau
            'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd']
 
 # %% ../nbs/00_components.ipynb #a600d90c
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL"}
+FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3/3.5"}
 
 @dataclass
 class SDComponents:
-    "The Stable Diffusion components DiffEdit uses, named as in diffusers (SD 1.x/2.x, or SDXL with the `_2` parts)."
+    "The components DiffEdit uses, named as in diffusers: SD 1.x/2.x; SDXL with the `_2` parts; SD3 with a transformer and `_3`."
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
-    text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's second text encoder (its pooled output conditions too)
+    unet: UNet2DConditionModel|None # None for SD3, whose denoiser is `transformer`
+    scheduler: DDIMScheduler # the model's own scheduler config (SD3: flow matching)
+    text_encoder_2: CLIPTextModelWithProjection|None = None # SDXL's and SD3's second text encoder (its pooled output conditions too)
     tokenizer_2: CLIPTokenizer|None = None
     force_zeros_for_empty_prompt: bool = False # SDXL: the empty prompt's conditioning is zeros (the model's config says)
+    transformer: torch.nn.Module|None = None # SD3's denoiser (`SD3Transformer2DModel`), predicting the flow's velocity
+    text_encoder_3: torch.nn.Module|None = None # SD3's T5 encoder; None: zeros in its place, as diffusers does
+    tokenizer_3: object = None
+    max_sequence_length: int = 256 # SD3: T5 tokens (zeros without T5)
 
     @property
-    def family(self)->str: return "sdxl" if self.text_encoder_2 is not None else "sd"
+    def family(self)->str:
+        return "sd3" if self.transformer is not None else "sdxl" if self.text_encoder_2 is not None else "sd"
+    @property
+    def denoiser(self): return self.unet if self.unet is not None else self.transformer
     def modules(self)->list:
-        "The torch modules: VAE, text encoder(s), UNet."
-        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.unet) if m is not None]
+        "The torch modules: VAE, text encoder(s), UNet or transformer."
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.unet, self.transformer) if m is not None]
     @property
-    def device(self): return self.unet.device
+    def device(self): return self.denoiser.device
     @property
-    def dtype(self): return self.unet.dtype
+    def dtype(self): return self.denoiser.dtype
     @property
     def vae_scale_factor(self): return 2 ** (len(self.vae.config.block_out_channels) - 1)
     @property
     def multiple(self):
-        "Image sides must be multiples of this: VAE downsampling times UNet downsampling."
+        "Image sides must be multiples of this: VAE downsampling times the UNet's downsampling (or the transformer's patch)."
+        if self.family == "sd3": return self.vae_scale_factor * self.transformer.config.patch_size
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
     @property
     def resolution(self):
-        "The image side the model was trained at (512 for SD 1.5, 1024 for SDXL, 64 for the shapes model)."
-        return self.unet.config.sample_size * self.vae_scale_factor
+        "The image side the model was trained at (512 for SD 1.5, 1024 for SDXL and SD3, 64 for the shapes model)."
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+    @property
+    def pooled_dim(self)->int:
+        "Width of the pooled prompt vector: SDXL's second encoder's projection, SD3's two projections side by side; 0 for SD."
+        if self.family == "sd": return 0
+        return self.text_encoder_2.config.projection_dim + (self.text_encoder.config.projection_dim if self.family == "sd3" else 0)
     @property
     def pooled_rows(self)->int:
-        "SDXL: rows appended to each prompt's embedding to carry its pooled vector (`01_embeddings`); 0 for SD."
+        "Rows appended to each prompt's embedding to carry its pooled vector (`01_embeddings`); 0 for SD."
         if self.family == "sd": return 0
-        return math.ceil(self.text_encoder_2.config.projection_dim / self.unet.config.cross_attention_dim)
+        width = self.transformer.config.joint_attention_dim if self.family == "sd3" else self.unet.config.cross_attention_dim
+        return math.ceil(self.pooled_dim / width)
 
     def predict(self, x:torch.Tensor, # (B, C, h, w) noisy latents
                 t, # timestep
                 emb:torch.Tensor, # (B or 1, tokens, d) prompt embeddings (`embed_prompts`)
-               )->torch.Tensor: # the UNet's output (epsilon or v, as the model predicts)
-        "The UNet's prediction, with the family's extra inputs: SDXL's pooled prompt vector and size/crop ids."
+               )->torch.Tensor: # the model's output (epsilon, v, or SD3's flow velocity, as the model predicts)
+        "The denoiser's prediction, with the family's extra inputs: the pooled prompt vector, SDXL's size/crop ids."
         if self.family == "sd": return self.unet(x, t, encoder_hidden_states=emb).sample
-        k, p = self.pooled_rows, self.text_encoder_2.config.projection_dim
-        hidden, pooled = emb[:, :-k], emb[:, -k:].flatten(1)[:, :p]
+        k = self.pooled_rows
+        hidden, pooled = emb[:, :-k], emb[:, -k:].flatten(1)[:, :self.pooled_dim]
+        if self.family == "sd3":
+            t = torch.as_tensor(t, device=x.device).expand(len(x))
+            return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample
         h, w = (s * self.vae_scale_factor for s in x.shape[-2:])  # original size = target size = the working size, no crop
         ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=emb.dtype).expand(len(emb), -1)
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids)).sample
@@ -108,23 +125,34 @@ _NEEDS = {  # what each component folder must hold: (name in messages, any of th
 _NEEDS_XL = {"text_encoder_2": _NEEDS["text_encoder"], "tokenizer_2": _NEEDS["tokenizer"]}
 
 def model_family(index:dict, # the model's `model_index.json`
-                )->str: # "sd" or "sdxl"
+                )->str: # "sd", "sdxl" or "sd3"
     "The family of a diffusers pipeline from its `model_index.json`; a clear error for the ones DiffEdit does not drive."
     cls, has = index.get("_class_name", "?"), lambda k: bool((index.get(k) or [None])[0])
     supported = "; ".join(f"{v} ({k})" for k, v in FAMILIES.items())
-    if has("transformer") or not has("unet"):
-        raise ValueError(f"{cls} is a transformer (flow-matching) model such as SD3 or Flux; DiffEdit here drives UNet models: {supported}.")
+    if has("transformer"):
+        if cls.startswith("StableDiffusion3") and has("text_encoder") and has("text_encoder_2"): return "sd3"
+        raise ValueError(f"{cls} is a transformer model DiffEdit does not drive yet (Flux is planned); supported: {supported}.")
+    if not has("unet"): raise ValueError(f"{cls} has neither a UNet nor a transformer; supported: {supported}.")
     if has("text_encoder_2") and not has("text_encoder"):
         raise ValueError(f"{cls} looks like the SDXL refiner (no first text encoder), an image-to-image stage; use the SDXL base model.")
     if not has("text_encoder"): raise ValueError(f"{cls} has no text encoder; supported: {supported}.")
     return "sdxl" if has("text_encoder_2") else "sd"
 
+def _needs(family:str, index:dict)->dict:
+    "The component folders of a family and what each must hold."
+    needs = dict(_NEEDS)
+    if family != "sd": needs |= _NEEDS_XL
+    if family == "sd3":
+        needs["transformer"] = needs.pop("unet")
+        if (index.get("text_encoder_3") or [None])[0]: needs |= {"text_encoder_3": _NEEDS["text_encoder"]}
+    return needs
+
 def check_model_folder(folder:Path):
     "Raise a FileNotFoundError naming every file a diffusers Stable Diffusion folder lacks."
     index = folder/"model_index.json"
     missing = [] if index.is_file() else ["model_index.json"]
-    family = model_family(json.loads(index.read_text())) if index.is_file() else "sd"
-    for comp, needs in (_NEEDS | _NEEDS_XL if family == "sdxl" else _NEEDS).items():
+    idx = json.loads(index.read_text()) if index.is_file() else {}
+    for comp, needs in _needs(model_family(idx) if idx else "sd", idx).items():
         missing += [f"{comp}/{name}" for name, pats in needs if not any(any((folder/comp).glob(p)) for p in pats)]
     if missing: raise FileNotFoundError(f"The model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}. "
                                         f"Expected {_LAYOUT}.")
@@ -176,13 +204,14 @@ def _model_index(model:str, kwargs:dict)->dict:
     hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token", "proxies")}
     return dict(DiffusionPipeline.load_config(model, **hub))
 
-def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD 1.x/2.x or SDXL)
+def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD 1.x/2.x, SDXL or SD3)
             device=None, # default: "cuda" if available, else "cpu"
             dtype=None,  # default: float16 on cuda, float32 on cpu
             vae:AutoencoderKL|str|None=None, # another VAE (a model, hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix"
+            t5:bool=True, # SD3: load its T5 text encoder (False: zeros in its place, as diffusers allows; saves ~9 GB)
             **kwargs,    # passed to every `from_pretrained` (e.g. `variant="fp16"`, `local_files_only=True`)
            )->SDComponents:
-    "Load the DiffEdit components of a Stable Diffusion checkpoint (1.x, 2.x or XL)."
+    "Load the DiffEdit components of a Stable Diffusion checkpoint (1.x, 2.x, XL or 3)."
     device, dtype = resolve_device_dtype(device, dtype)
     model = str(model)
     local = Path(model).expanduser()
@@ -197,12 +226,21 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD
             family = model_family(index)
             kw = dict(torch_dtype=dtype, **kwargs)
             if isinstance(vae, (str, Path)): vae = _load_weights(AutoencoderKL, str(vae), None, torch_dtype=dtype)
+            sd3 = family == "sd3"
             parts = dict(
                 vae=vae if vae is not None else _load_weights(AutoencoderKL, model, "vae", **kw),
-                text_encoder=_load_weights(CLIPTextModel, model, "text_encoder", **kw),
+                text_encoder=_load_weights(CLIPTextModelWithProjection if sd3 else CLIPTextModel, model, "text_encoder", **kw),
                 tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kwargs),
-                unet=_load_weights(UNet2DConditionModel, model, "unet", **kw),
-                scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler", **kwargs))
+                unet=None if sd3 else _load_weights(UNet2DConditionModel, model, "unet", **kw),
+                scheduler=(FlowMatchEulerDiscreteScheduler if sd3 else DDIMScheduler).from_pretrained(model, subfolder="scheduler", **kwargs))
+            if sd3:
+                parts.update(transformer=_load_weights(SD3Transformer2DModel, model, "transformer", **kw),
+                             text_encoder_2=_load_weights(CLIPTextModelWithProjection, model, "text_encoder_2", **kw),
+                             tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kwargs))
+                if t5 and (index.get("text_encoder_3") or [None])[0]:
+                    from transformers import T5EncoderModel, AutoTokenizer
+                    parts.update(text_encoder_3=_load_weights(T5EncoderModel, model, "text_encoder_3", **kw),
+                                 tokenizer_3=AutoTokenizer.from_pretrained(model, subfolder="tokenizer_3", **kwargs))
             if family == "sdxl":
                 parts.update(text_encoder_2=_load_weights(CLIPTextModelWithProjection, model, "text_encoder_2", **kw),
                              tokenizer_2=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kwargs),
@@ -255,12 +293,14 @@ SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_en
                            timestep_spacing="leading")
 
 def _ready(sd:SDComponents, device, dtype)->SDComponents:
-    for m in sd.modules(): m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for m in sd.modules():
+        m.to(device).eval().requires_grad_(False)
+        if next(m.parameters()).dtype != dtype: m.to(dtype)
     return sd
 
 def tiny_sd(seed:int=0, # seed of the random weights
             device="cpu", dtype=torch.float32,
-            family:str="sd", # "sd" or "sdxl" (two text encoders, pooled vector and size ids, as SDXL)
+            family:str="sd", # "sd", "sdxl" (two text encoders, pooled vector and size ids) or "sd3" (a flow-matching transformer)
            )->SDComponents:
     "Tiny Stable-Diffusion-architecture components with random weights (64x64 images, 16x16x4 latents)."
     if family not in FAMILIES: raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}.")
@@ -276,6 +316,13 @@ def tiny_sd(seed:int=0, # seed of the random weights
                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                           cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), **xl})
+    if family == "sd3":  # a flow-matching transformer, two CLIPs with projections, no T5 (zeros in its place)
+        tr = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                                   num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+                                   pos_embed_max_size=32)
+        return _ready(SDComponents(vae, CLIPTextModelWithProjection(CLIPTextConfig(**text)), clip_tokenizer(), None,
+                                   FlowMatchEulerDiscreteScheduler(), text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)),
+                                   tokenizer_2=clip_tokenizer(), transformer=tr), device, dtype)
     te = CLIPTextModel(CLIPTextConfig(**text))
     extra = dict(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=clip_tokenizer(),
                  force_zeros_for_empty_prompt=True) if family == "sdxl" else {}
@@ -320,16 +367,19 @@ def random_sd(arch:str="sd15", # "sd15", "sd21" or "sdxl"
 
 # %% ../nbs/00_components.ipynb #b40b9dae
 def save_sd(sd:SDComponents, folder:str|Path)->Path:
-    "Save `sd` as a diffusers Stable Diffusion (or SDXL) folder (no safety checker)."
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    parts = dict(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler)
-    if sd.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
+    "Save `sd` as a diffusers Stable Diffusion (SDXL, SD3) folder (no safety checker)."
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline
+    parts = dict(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, scheduler=sd.scheduler)
+    if sd.family == "sd3":
+        pipe = StableDiffusion3Pipeline(**parts, transformer=sd.transformer, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
+                                        text_encoder_3=sd.text_encoder_3, tokenizer_3=sd.tokenizer_3)
+    elif sd.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, unet=sd.unet, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
                                          force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)
-    else: pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else: pipe = StableDiffusionPipeline(**parts, unet=sd.unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     from safetensors.torch import load_file, save_file  # text encoder keys with the `text_model.` prefix, as on the hub (transformers < 5.6 needs it)
-    for f in Path(folder).glob("text_encoder*/model.safetensors"):
+    for f in (Path(folder)/d/"model.safetensors" for d in ("text_encoder", "text_encoder_2") if (Path(folder)/d/"model.safetensors").exists()):
         fix = lambda k: k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
         save_file({fix(k): v.contiguous() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     return Path(folder)

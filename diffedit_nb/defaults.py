@@ -16,7 +16,7 @@ __all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'DEFAULTS', '
 # %% ../nbs/00_defaults.ipynb #1f0943ae
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BACKGROUNDS = ("inversion", "renoise", "uncond") # how the unmasked latents are kept during the edit (`04_denoise`)
-SAMPLERS = ("ddim", "dpm++2m", "euler") # the edit's sampler (`04_denoise`); "inversion" needs one diffusers can invert (not euler)
+SAMPLERS = ("ddim", "dpm++2m", "euler") # the edit's sampler (`04_denoise`; None: the model's own); "inversion" needs one that can be inverted (not euler on a UNet model)
 SPACINGS = ("trailing", "leading", "linspace", "model") # the edit's timestep grid ("model": the model's scheduler config)
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Knobs:
     guidance_scale: float = 7.5 # classifier-free guidance towards the query
     background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
-    sampler: str = "ddim"       # the edit's sampler: "ddim", "dpm++2m" (DPM-Solver++ 2M) or "euler"
+    sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3: the flow's Euler), "ddim", "dpm++2m" or "euler"
     spacing: str = "trailing" # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
 
 DEFAULTS = Knobs()
@@ -64,7 +64,7 @@ def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scal
                        background=DEFAULTS.background, sampler=DEFAULTS.sampler, spacing=DEFAULTS.spacing):
     "Raise a ValueError naming the first denoising knob out of range."
     if background not in BACKGROUNDS: raise ValueError(f"background must be one of {BACKGROUNDS}; got {background!r}.")
-    if sampler not in SAMPLERS: raise ValueError(f"sampler must be one of {SAMPLERS}; got {sampler!r}.")
+    if sampler is not None and sampler not in SAMPLERS: raise ValueError(f"sampler must be None or one of {SAMPLERS}; got {sampler!r}.")
     if spacing not in SPACINGS: raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}.")
     if background == "inversion" and sampler == "euler":
         raise ValueError("background='inversion' needs a sampler diffusers can invert ('ddim' or 'dpm++2m'); "

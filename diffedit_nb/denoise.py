@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverMultistepInverseScheduler, EulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from .components import SDComponents
 from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_args
-from .noise import start_index, ddim_invert
+from .noise import start_index, ddim_invert, flow_invert
 
 # %% auto #0
 __all__ = ['edit_scheduler', 'dpm_invert', 'denoise']
@@ -20,20 +21,27 @@ __all__ = ['edit_scheduler', 'dpm_invert', 'denoise']
 _SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
                "euler": (EulerDiscreteScheduler, {})}
 
-def edit_scheduler(sd:SDComponents, sampler:str=DEFAULTS.sampler, # "ddim", "dpm++2m" or "euler"
-                   steps:int=DEFAULTS.steps, spacing:str=DEFAULTS.spacing, # timestep grid; "model": the model's config
+def edit_scheduler(sd:SDComponents, sampler:str|None=DEFAULTS.sampler, # None (the model's own), "ddim", "dpm++2m" or "euler"
+                   steps:int=DEFAULTS.steps, spacing:str=DEFAULTS.spacing, # timestep grid (UNet models); "model": the model's config
                   ):
     "A new scheduler of kind `sampler` for the edit, with `sd`'s noise schedule, set to `steps` steps on the `spacing` grid."
     check_denoise_args(steps=steps, sampler=sampler, spacing=spacing, background="renoise")  # the background is denoise's to check
-    cls, extra = _SCHEDULERS[sampler]
+    if sd.family == "sd3":  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
+        if sampler not in (None, "euler"): raise ValueError(f"SD3 is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
+        s = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler.config)
+        s.set_timesteps(steps, device=sd.device)
+        return s
+    cls, extra = _SCHEDULERS[sampler or "ddim"]
     s = cls.from_config(sd.scheduler.config, **extra, **({} if spacing == "model" else dict(timestep_spacing=spacing)))
     s.set_timesteps(steps, device=sd.device)
     return s
 
 def _sampler_name(sched)->str:
+    if type(sched) is FlowMatchEulerDiscreteScheduler: return "flow"
     for name, (cls, _) in _SCHEDULERS.items():
         if type(sched) is cls: return name
-    raise ValueError(f"denoise takes a DDIMScheduler, DPMSolverMultistepScheduler or EulerDiscreteScheduler (`edit_scheduler`); got {type(sched).__name__}.")
+    raise ValueError("denoise takes a DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler "
+                     f"(`edit_scheduler`); got {type(sched).__name__}.")
 
 @torch.no_grad()
 def dpm_invert(sd:SDComponents, sched:DPMSolverMultistepScheduler, # the forward sampler, steps set
@@ -52,6 +60,10 @@ def dpm_invert(sd:SDComponents, sched:DPMSolverMultistepScheduler, # the forward
         traj.append(x)
     return traj[::-1]
 
+def _noised(s, latents, noise, t):
+    "The original latents noised to `t` on the scheduler's own grid (the flow's: (1 - s) x + s noise)."
+    return s.scale_noise(latents, t, noise) if isinstance(s, FlowMatchEulerDiscreteScheduler) else s.add_noise(latents, noise, t)
+
 @torch.no_grad()
 def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`; or `ddim_scheduler`)
             latents:torch.Tensor, # (1, C, h, w) clean image latents
@@ -69,7 +81,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     "Masked, query-guided denoising of `latents` from level `start`, with the sampler `sched` is."
     # 1. check inputs; a copy of the scheduler (DPM++ keeps past predictions, DPM++ and Euler a step index)
     sampler = _sampler_name(sched)
-    check_denoise_args(start, len(sched.timesteps), guidance_scale, background, sampler)
+    check_denoise_args(start, len(sched.timesteps), guidance_scale, background, None if sampler == "flow" else sampler)
     s = sched if sampler == "ddim" else copy.deepcopy(sched)
     # 2. timesteps: the tail of the schedule from the start level
     k = start_index(len(s.timesteps), start)
@@ -78,12 +90,12 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     mask = mask.to(latents.dtype)
     # 3. start latent and background latents, in the sampler's own space (Euler's: latents + sigma * noise)
     if background == "inversion":
-        invert = ddim_invert if sampler == "ddim" else dpm_invert
+        invert = {"ddim": ddim_invert, "dpm++2m": dpm_invert, "flow": flow_invert}[sampler]
         traj = invert(sd, s, latents, uncond_embeds, start=k, progress=progress)  # traj[i] at ts[i], traj[-1] = latents
         x = traj[0]
     else:
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x = x_bg = s.add_noise(latents, noise, ts[:1])
+        x = x_bg = _noised(s, latents, noise, ts[:1])
     # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path)
     neg = uncond_embeds if negative_embeds is None else negative_embeds
     rows = [query_embeds] if guidance_scale == 1 else [neg, query_embeds]
@@ -92,7 +104,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):
         inp = torch.cat([x] * (len(rows) - (background == "uncond")) + ([x_bg] if background == "uncond" else []))
-        eps = sd.predict(s.scale_model_input(inp, t), t, emb)
+        eps = sd.predict(s.scale_model_input(inp, t) if hasattr(s, "scale_model_input") else inp, t, emb)
         eps_edit = eps[:1] if guidance_scale == 1 else eps[:1] + guidance_scale * (eps[1:2] - eps[:1])
         if background == "uncond":  # step both paths at once
             x, x_bg = s.step(torch.cat([eps_edit, eps[-1:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
@@ -101,7 +113,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
             x = s.step(eps_edit, t, x).prev_sample
             if background == "inversion": bg = traj[i + 1]
             elif i + 1 == len(ts): bg = latents  # the last step lands on the clean latent (DPM++/Euler: sigma 0; DDIM: nearly)
-            else: bg = s.add_noise(latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler: by step index)
+            else: bg = _noised(s, latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler/flow: by step index)
         x = torch.lerp(bg, x, mask)  # mask * x + (1 - mask) * bg
         if callback is not None: callback(i, t, x)
     return x

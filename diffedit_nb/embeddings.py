@@ -33,19 +33,30 @@ def tokenize(tokenizer, prompts:list)->torch.Tensor: # (len(prompts), 77) token 
 @torch.no_grad()
 def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden); SDXL: (len(prompts), 77 + sd.pooled_rows, 2048)
     "Text embeddings of `prompts` as the model conditions on them, in `sd`'s device and dtype."
-    if sd.family == "sdxl": return _embed_xl(sd, prompts)
+    if sd.family != "sd": return _embed_pooled(sd, prompts)
     ids = tokenize(sd.tokenizer, prompts).to(sd.text_encoder.device)
     use_mask = getattr(sd.text_encoder.config, "use_attention_mask", False)
     mask = (ids != sd.tokenizer.pad_token_id).long() if use_mask else None
     return sd.text_encoder(ids, attention_mask=mask)[0].to(sd.dtype)
 
-def _embed_xl(sd:SDComponents, prompts:list)->torch.Tensor:
-    "SDXL: both encoders' penultimate hidden states side by side, then the pooled vector in `sd.pooled_rows` extra rows."
-    hidden = []
+def _t5_embeds(sd:SDComponents, prompts:list)->torch.Tensor:
+    "SD3's T5 part: the T5 encoder's states, or zeros where the model has none (as diffusers does)."
+    n, d = sd.max_sequence_length, sd.transformer.config.joint_attention_dim
+    if sd.text_encoder_3 is None: return torch.zeros(len(prompts), n, d, device=sd.device)
+    ids = sd.tokenizer_3(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    return sd.text_encoder_3(ids.to(sd.text_encoder_3.device))[0]
+
+def _embed_pooled(sd:SDComponents, prompts:list)->torch.Tensor:
+    "SDXL and SD3: the CLIP encoders' penultimate hidden states side by side (SD3: then T5's), the pooled vector in extra rows."
+    hidden, pools = [], []
     for tok, enc in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
         out = enc(tokenize(tok, prompts).to(enc.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-    hidden, pooled = torch.cat(hidden, -1), out[0]  # (B, 77, d1 + d2); (B, projection_dim) of the second encoder
+        hidden.append(out.hidden_states[-2]); pools.append(out[0])
+    hidden = torch.cat(hidden, -1)  # (B, 77, d1 + d2)
+    if sd.family == "sd3":  # pooled: both encoders' projections; tokens: CLIP's padded to T5's width, then T5's
+        pooled, t5 = torch.cat(pools, -1), _t5_embeds(sd, prompts)
+        hidden = torch.cat([torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5.to(hidden.dtype)], 1)
+    else: pooled = pools[-1]  # SDXL: the second encoder's projection
     d, k = hidden.shape[-1], sd.pooled_rows
     rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)
     emb = torch.cat([hidden, rows.to(hidden.dtype)], 1).to(sd.dtype)

@@ -5,18 +5,25 @@
 # %% ../nbs/02_noise.ipynb #1c863686
 from __future__ import annotations
 import torch
-from diffusers import DDIMScheduler, DDIMInverseScheduler
+from diffusers import DDIMScheduler, DDIMInverseScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from .components import SDComponents
 
 # %% auto #0
-__all__ = ['ddim_scheduler', 'start_index', 'make_generator', 'noise_latents', 'ddim_invert']
+__all__ = ['ddim_scheduler', 'model_scheduler', 'start_index', 'make_generator', 'noise_latents', 'ddim_invert', 'flow_invert']
 
 # %% ../nbs/02_noise.ipynb #9d7c5edb
 def ddim_scheduler(sd:SDComponents, steps:int=50)->DDIMScheduler:
     "A new DDIM scheduler with `sd`'s noise schedule, set to `steps` inference steps."
     sched = DDIMScheduler.from_config(sd.scheduler.config)
+    sched.set_timesteps(steps, device=sd.device)
+    return sched
+
+def model_scheduler(sd:SDComponents, steps:int=50):
+    "The scheduler of the model's own kind set to `steps`: DDIM for the UNet models (`ddim_scheduler`), the flow's Euler for SD3."
+    if sd.family != "sd3": return ddim_scheduler(sd, steps)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler.config)
     sched.set_timesteps(steps, device=sd.device)
     return sched
 
@@ -42,7 +49,9 @@ def noise_latents(sched:DDIMScheduler, latents:torch.Tensor, # (1, C, h, w) clea
     "Noise `latents` `n` times to `level`: returns (noisy (n, C, h, w), noise, timestep)."
     t = sched.timesteps[min(start_index(len(sched.timesteps), level), len(sched.timesteps) - 1)]
     noise = randn_tensor((n, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
-    return sched.add_noise(latents.expand(n, -1, -1, -1), noise, t.expand(n)), noise, t
+    x = latents.expand(n, -1, -1, -1)
+    if isinstance(sched, FlowMatchEulerDiscreteScheduler): return sched.scale_noise(x, t.expand(n), noise), noise, t  # (1 - s) x + s noise
+    return sched.add_noise(x, noise, t.expand(n)), noise, t
 
 # %% ../nbs/02_noise.ipynb #8adaec4e
 @torch.no_grad()
@@ -59,5 +68,18 @@ def ddim_invert(sd:SDComponents, sched:DDIMScheduler, # the denoising scheduler 
     for t in tqdm(inv.timesteps[:len(sched.timesteps) - start], desc="inversion", disable=not progress, leave=False):
         eps = sd.predict(x, t, embeds)
         x = inv.step(eps, t, x).prev_sample
+        traj.append(x)
+    return traj[::-1]
+
+@torch.no_grad()
+def flow_invert(sd:SDComponents, sched:FlowMatchEulerDiscreteScheduler, # the flow's scheduler, steps set (its sigmas are followed)
+                latents:torch.Tensor, embeds:torch.Tensor, start:int=0, progress:bool=True)->list:
+    "The flow's Euler steps run backwards from `latents`: `traj[i]` at `sched.sigmas[start+i]`, `traj[-1]` = `latents`."
+    sig, n = sched.sigmas.to(latents.device), len(sched.timesteps)
+    x, traj = latents, [latents]
+    for i in tqdm(range(n - 1, start - 1, -1), desc="inversion", disable=not progress, leave=False):
+        lo, hi = sig[i + 1], sig[i]  # from the lower noise level up to the next one of the grid
+        v = sd.predict(x, lo * sched.config.num_train_timesteps, embeds)  # the velocity noise - x0 at the lower level
+        x = x + (hi - lo) * v
         traj.append(x)
     return traj[::-1]

@@ -14,7 +14,7 @@ from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
 from .components import SDComponents, model_family, load_sd, shapes_model_path
 from .encode import load_image, model_size, encode, decode, show_images
 from .embeddings import embed_prompts
-from .noise import ddim_scheduler, make_generator
+from .noise import ddim_scheduler, model_scheduler, make_generator
 from .mask import mask_map, resize_map, refine_mask, latent_mask
 from .denoise import denoise, edit_scheduler
 
@@ -87,13 +87,14 @@ class DiffEdit:
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None):
-        "Reuse the components of a loaded diffusers Stable Diffusion or SDXL pipeline (no copy)."
+        "Reuse the components of a loaded diffusers Stable Diffusion, SDXL or SD3 pipeline (no copy)."
         parts = {k: getattr(pipe, k, None) for k in ("unet", "transformer", "text_encoder", "text_encoder_2")}
-        model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
-        xl = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
-                  force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True))
-                 ) if getattr(pipe, "text_encoder_2", None) is not None else {}
-        return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, **xl), resolution=resolution)
+        family = model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
+        get = lambda k: getattr(pipe, k, None)
+        extra = dict(text_encoder_2=get("text_encoder_2"), tokenizer_2=get("tokenizer_2"))
+        if family == "sdxl": extra["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+        if family == "sd3": extra.update(transformer=get("transformer"), text_encoder_3=get("text_encoder_3"), tokenizer_3=get("tokenizer_3"))
+        return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, get("unet"), pipe.scheduler, **extra), resolution=resolution)
 
     def embeds(self, *prompts:str)->torch.Tensor:
         "Embeddings of `prompts`, computed once per prompt and cached."
@@ -164,7 +165,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query)
     original, size, lat = self._prepare(image)
-    m, alpha = self._mask_step(original, lat, ref, query, ddim_scheduler(self.sd, steps), k, make_generator(seed, generator),
+    m, alpha = self._mask_step(original, lat, ref, query, model_scheduler(self.sd, steps), k, make_generator(seed, generator),
                                batch_size, progress)
     return MaskResult(_mask_image(resize_map(alpha, original.size)), resize_map(m, original.size))
 
@@ -187,7 +188,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           guidance_scale:float=DEFAULTS.guidance_scale, # classifier-free guidance towards the query
           background:str=DEFAULTS.background, # "inversion" (paper), "renoise" (blog) or "uncond" (repo)
           negative_prompt:str|None=DEFAULTS.negative_prompt, # guidance's negative prompt; None: the reference
-          sampler:str=DEFAULTS.sampler, # the edit's sampler: "ddim", "dpm++2m" or "euler"
+          sampler:str|None=DEFAULTS.sampler, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
           spacing:str=DEFAULTS.spacing, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
@@ -205,7 +206,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
     g = make_generator(seed, generator)
-    sched = ddim_scheduler(self.sd, steps)  # the mask's grid: the model's, as in the paper
+    sched = model_scheduler(self.sd, steps)  # the mask's grid: the model's own (DDIM as in the paper; SD3: the flow's)
     # 2. load and encode the image once: latents (1, 4, h, w)
     original, size, lat = self._prepare(image)
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`)
