@@ -108,7 +108,8 @@ def run_ledits(pipe, image, ref, query, seed,
 def count_unet_rows(unet):
     "Context manager yielding a list that collects the batch size of every UNet call."
     rows = []
-    h = unet.register_forward_hook(lambda m, args, kwargs, out: rows.append(int(args[0].shape[0])), with_kwargs=True)
+    h = unet.register_forward_hook(lambda m, args, kwargs, out: rows.append(int((args[0] if args else kwargs["hidden_states"]).shape[0])),
+                                   with_kwargs=True)  # a UNet takes the latents first; SD3's transformer as `hidden_states`
     try: yield rows
     finally: h.remove()
 
