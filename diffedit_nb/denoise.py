@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from .components import SDComponents
 from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_args
-from .noise import start_index, ddim_invert, flow_invert
+from .noise import start_index, ddim_invert, flow_invert, model_scheduler, noised
 
 # %% auto #0
 __all__ = ['edit_scheduler', 'dpm_invert', 'denoise']
@@ -28,9 +28,7 @@ def edit_scheduler(sd:SDComponents, sampler:str|None=DEFAULTS.sampler, # None (t
     check_denoise_args(steps=steps, sampler=sampler, spacing=spacing, background="renoise")  # the background is denoise's to check
     if sd.family == "sd3":  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
         if sampler not in (None, "euler"): raise ValueError(f"SD3 is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
-        s = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler.config)
-        s.set_timesteps(steps, device=sd.device)
-        return s
+        return model_scheduler(sd, steps)
     cls, extra = _SCHEDULERS[sampler or "ddim"]
     s = cls.from_config(sd.scheduler.config, **extra, **({} if spacing == "model" else dict(timestep_spacing=spacing)))
     s.set_timesteps(steps, device=sd.device)
@@ -59,10 +57,6 @@ def dpm_invert(sd:SDComponents, sched:DPMSolverMultistepScheduler, # the forward
         x = inv.step(sd.predict(inv.scale_model_input(x, t), t, embeds), t, x).prev_sample
         traj.append(x)
     return traj[::-1]
-
-def _noised(s, latents, noise, t):
-    "The original latents noised to `t` on the scheduler's own grid (the flow's: (1 - s) x + s noise)."
-    return s.scale_noise(latents, t, noise) if isinstance(s, FlowMatchEulerDiscreteScheduler) else s.add_noise(latents, noise, t)
 
 @torch.no_grad()
 def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`; or `ddim_scheduler`)
@@ -95,7 +89,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
         x = traj[0]
     else:
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x = x_bg = _noised(s, latents, noise, ts[:1])
+        x = x_bg = noised(s, latents, noise, ts[:1])
     # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path)
     neg = uncond_embeds if negative_embeds is None else negative_embeds
     rows = [query_embeds] if guidance_scale == 1 else [neg, query_embeds]
@@ -113,7 +107,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
             x = s.step(eps_edit, t, x).prev_sample
             if background == "inversion": bg = traj[i + 1]
             elif i + 1 == len(ts): bg = latents  # the last step lands on the clean latent (DPM++/Euler: sigma 0; DDIM: nearly)
-            else: bg = _noised(s, latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler/flow: by step index)
+            else: bg = noised(s, latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler/flow: by step index)
         x = torch.lerp(bg, x, mask)  # mask * x + (1 - mask) * bg
         if callback is not None: callback(i, t, x)
     return x

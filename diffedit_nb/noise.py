@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from .components import SDComponents
 
 # %% auto #0
-__all__ = ['ddim_scheduler', 'model_scheduler', 'start_index', 'make_generator', 'noise_latents', 'ddim_invert', 'flow_invert']
+__all__ = ['ddim_scheduler', 'model_scheduler', 'start_index', 'make_generator', 'noise_latents', 'noised', 'ddim_invert',
+           'flow_invert']
 
 # %% ../nbs/02_noise.ipynb #9d7c5edb
 def ddim_scheduler(sd:SDComponents, steps:int=50)->DDIMScheduler:
@@ -49,9 +50,11 @@ def noise_latents(sched:DDIMScheduler, latents:torch.Tensor, # (1, C, h, w) clea
     "Noise `latents` `n` times to `level`: returns (noisy (n, C, h, w), noise, timestep)."
     t = sched.timesteps[min(start_index(len(sched.timesteps), level), len(sched.timesteps) - 1)]
     noise = randn_tensor((n, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
-    x = latents.expand(n, -1, -1, -1)
-    if isinstance(sched, FlowMatchEulerDiscreteScheduler): return sched.scale_noise(x, t.expand(n), noise), noise, t  # (1 - s) x + s noise
-    return sched.add_noise(x, noise, t.expand(n)), noise, t
+    return noised(sched, latents.expand(n, -1, -1, -1), noise, t.expand(n)), noise, t
+
+def noised(sched, latents:torch.Tensor, noise:torch.Tensor, t:torch.Tensor)->torch.Tensor:
+    "`latents` noised to timesteps `t` on the scheduler's own grid (diffusers' `add_noise`; the flow's `scale_noise`: (1 - s) x + s noise)."
+    return sched.scale_noise(latents, t, noise) if isinstance(sched, FlowMatchEulerDiscreteScheduler) else sched.add_noise(latents, noise, t)
 
 # %% ../nbs/02_noise.ipynb #8adaec4e
 @torch.no_grad()
