@@ -32,10 +32,10 @@ class Knobs:
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
     start: float = 1.0          # noise level the edit starts from (1 = pure noise, 0.5 = halfway)
     steps: int = 10             # DDIM steps of the full schedule
-    guidance_scale: float = 7.5 # classifier-free guidance towards the query
+    guidance_scale: float|None = None # guidance towards the query; None: the model's (7.5 classifier-free; Flux-dev's embedded 3.5)
     background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
-    sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3: the flow's Euler), "ddim", "dpm++2m" or "euler"
+    sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3, Flux: the flow's Euler), "ddim", "dpm++2m" or "euler"
     spacing: str = "trailing" # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
 
 DEFAULTS = Knobs()
@@ -74,8 +74,8 @@ def check_denoise_args(start=DEFAULTS.start, steps=DEFAULTS.steps, guidance_scal
         raise ValueError(f"start must be a noise level in (0, 1] (0.5 = start halfway through the schedule); got {start!r}.")
     if round(start * steps) < 1:
         raise ValueError(f"start={start} with steps={steps} leaves no denoising step; use a larger start or more steps.")
-    if not (_number(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
+    if guidance_scale is not None and not (_number(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be >= 0 or None (the model's default); got {guidance_scale!r}.")
 
 def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
                 batch_size=None, # noise draws per UNet call of the mask (None: all)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverMulti
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from .components import SDComponents
+from .components import SDComponents, FAMILIES
 from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_args
 from .noise import start_index, ddim_invert, flow_invert, model_scheduler, noised
 
@@ -23,12 +23,14 @@ _SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepSchedu
 
 def edit_scheduler(sd:SDComponents, sampler:str|None=DEFAULTS.sampler, # None (the model's own), "ddim", "dpm++2m" or "euler"
                    steps:int=DEFAULTS.steps, spacing:str=DEFAULTS.spacing, # timestep grid (UNet models); "model": the model's config
+                   latents:torch.Tensor|None=None, # the image latents (Flux's schedule depends on their size)
                   ):
     "A new scheduler of kind `sampler` for the edit, with `sd`'s noise schedule, set to `steps` steps on the `spacing` grid."
     check_denoise_args(steps=steps, sampler=sampler, spacing=spacing, background="renoise")  # the background is denoise's to check
-    if sd.family == "sd3":  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
-        if sampler not in (None, "euler"): raise ValueError(f"SD3 is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
-        return model_scheduler(sd, steps)
+    if sd.flow:  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
+        if sampler not in (None, "euler"):
+            raise ValueError(f"{FAMILIES[sd.family]} is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
+        return model_scheduler(sd, steps, latents)
     cls, extra = _SCHEDULERS[sampler or "ddim"]
     s = cls.from_config(sd.scheduler.config, **extra, **({} if spacing == "model" else dict(timestep_spacing=spacing)))
     s.set_timesteps(steps, device=sd.device)
@@ -65,7 +67,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
             query_embeds:torch.Tensor, # (1, 77, d) query prompt
             mask:torch.Tensor, # (1, 1, h, w) latent mask: 1 = edit, 0 = keep
             start:float=DEFAULTS.start, # noise level to start from (1 = pure noise)
-            guidance_scale:float=DEFAULTS.guidance_scale,
+            guidance_scale:float|None=DEFAULTS.guidance_scale, # None: the model's (`sd.default_guidance`); Flux-dev: its embedded guidance
             background:str=DEFAULTS.background, # "inversion", "renoise" or "uncond"
             generator:torch.Generator|None=None, # noise for "renoise" and "uncond"
             callback=None, # called as callback(i, t, latents) after each step
@@ -76,6 +78,8 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     # 1. check inputs; a copy of the scheduler (DPM++ keeps past predictions, DPM++ and Euler a step index)
     sampler = _sampler_name(sched)
     check_denoise_args(start, len(sched.timesteps), guidance_scale, background, None if sampler == "flow" else sampler)
+    if guidance_scale is None: guidance_scale = sd.default_guidance
+    cfg = sd.cfg and guidance_scale != 1  # classifier-free: a negative row next to the query's (Flux: guidance is an input)
     s = sched if sampler == "ddim" else copy.deepcopy(sched)
     # 2. timesteps: the tail of the schedule from the start level
     k = start_index(len(s.timesteps), start)
@@ -90,16 +94,16 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     else:
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         x = x_bg = noised(s, latents, noise, ts[:1])
-    # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path)
+    # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path); Flux: [query] (+ [uncond])
     neg = uncond_embeds if negative_embeds is None else negative_embeds
-    rows = [query_embeds] if guidance_scale == 1 else [neg, query_embeds]
+    rows = [neg, query_embeds] if cfg else [query_embeds]
     if background == "uncond": rows.append(uncond_embeds)
     emb = torch.cat(rows)
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):
         inp = torch.cat([x] * (len(rows) - (background == "uncond")) + ([x_bg] if background == "uncond" else []))
-        eps = sd.predict(s.scale_model_input(inp, t) if hasattr(s, "scale_model_input") else inp, t, emb)
-        eps_edit = eps[:1] if guidance_scale == 1 else eps[:1] + guidance_scale * (eps[1:2] - eps[:1])
+        eps = sd.predict(s.scale_model_input(inp, t) if hasattr(s, "scale_model_input") else inp, t, emb, guidance=guidance_scale)
+        eps_edit = eps[:1] + guidance_scale * (eps[1:2] - eps[:1]) if cfg else eps[:1]
         if background == "uncond":  # step both paths at once
             x, x_bg = s.step(torch.cat([eps_edit, eps[-1:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
             bg = x_bg

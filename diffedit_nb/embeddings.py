@@ -6,6 +6,7 @@
 from __future__ import annotations
 import warnings
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 from .components import SDComponents
 
 # %% auto #0
@@ -31,26 +32,38 @@ def tokenize(tokenizer, prompts:list)->torch.Tensor: # (len(prompts), 77) token 
 
 # %% ../nbs/01_embeddings.ipynb #fcefe90b
 @torch.no_grad()
-def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden); SDXL: (len(prompts), 77 + sd.pooled_rows, 2048)
+def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden); SDXL: (len(prompts), 77 + sd.pooled_rows, 2048); Flux: (len(prompts), 512 + 1, 4096)
     "Text embeddings of `prompts` as the model conditions on them, in `sd`'s device and dtype."
+    if sd.family == "flux": return _embed_flux(sd, prompts)
     if sd.family != "sd": return _embed_pooled(sd, prompts)
-    ids = tokenize(sd.tokenizer, prompts).to(sd.text_encoder.device)
+    ids = tokenize(sd.tokenizer, prompts).to(get_module_execution_device(sd.text_encoder))
     use_mask = getattr(sd.text_encoder.config, "use_attention_mask", False)
     mask = (ids != sd.tokenizer.pad_token_id).long() if use_mask else None
     return sd.text_encoder(ids, attention_mask=mask)[0].to(sd.dtype)
 
 def _t5_embeds(sd:SDComponents, prompts:list)->torch.Tensor:
-    "SD3's T5 part: the T5 encoder's states, or zeros where the model has none (as diffusers does)."
+    "The T5 states (SD3's third encoder, Flux's second), `max_sequence_length` tokens; SD3 without T5: zeros (as diffusers)."
     n, d = sd.max_sequence_length, sd.transformer.config.joint_attention_dim
-    if sd.text_encoder_3 is None: return torch.zeros(len(prompts), n, d, device=sd.device)
-    ids = sd.tokenizer_3(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-    return sd.text_encoder_3(ids.to(sd.text_encoder_3.device))[0]
+    enc, tok = (sd.text_encoder_2, sd.tokenizer_2) if sd.family == "flux" else (sd.text_encoder_3, sd.tokenizer_3)
+    if enc is None: return torch.zeros(len(prompts), n, d, device=sd.device)
+    ids = tok(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    long = [p for p in prompts if len(tok(p).input_ids) > n]
+    if long: warnings.warn(f"The prompt {long[0][:40]!r}... is longer than the {n} T5 tokens the model takes; the rest was dropped.")
+    return enc(ids.to(get_module_execution_device(enc)))[0]
+
+def _embed_flux(sd:SDComponents, prompts:list)->torch.Tensor:
+    "Flux: T5's states, and CLIP's pooled output in extra rows (CLIP's token states are not used)."
+    pooled = sd.text_encoder(tokenize(sd.tokenizer, prompts).to(get_module_execution_device(sd.text_encoder))).pooler_output
+    hidden = _t5_embeds(sd, prompts)
+    d, k = hidden.shape[-1], sd.pooled_rows
+    rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)
+    return torch.cat([hidden, rows.to(hidden)], 1).to(sd.dtype)
 
 def _embed_pooled(sd:SDComponents, prompts:list)->torch.Tensor:
     "SDXL and SD3: the CLIP encoders' penultimate hidden states side by side (SD3: then T5's), the pooled vector in extra rows."
     hidden, pools = [], []
     for tok, enc in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
-        out = enc(tokenize(tok, prompts).to(enc.device), output_hidden_states=True)
+        out = enc(tokenize(tok, prompts).to(get_module_execution_device(enc)), output_hidden_states=True)
         hidden.append(out.hidden_states[-2]); pools.append(out[0])
     hidden = torch.cat(hidden, -1)  # (B, 77, d1 + d2)
     if sd.family == "sd3":  # pooled: both encoders' projections; tokens: CLIP's padded to T5's width, then T5's

@@ -12,6 +12,7 @@ import torch
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import get_module_execution_device
 from .components import *  # SDComponents and the loaders, importable from here as before they had their own notebook
 
 # %% auto #0
@@ -108,7 +109,7 @@ def encode(sd:SDComponents, image:Image.Image, # an RGB image (see `load_image`)
     "Encode `image` into scaled VAE latents at the model's working size."
     w, h = size or model_size(image.size, sd.resolution, sd.multiple)
     with vae_precision(sd) as dt:
-        x = image_processor(sd).preprocess(image, height=h, width=w).to(sd.vae.device, dt)
+        x = image_processor(sd).preprocess(image, height=h, width=w).to(get_module_execution_device(sd.vae), dt)  # offloaded: the GPU
         lat = sd.vae.encode(x).latent_dist.mean
     return ((lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor).to(sd.dtype)
 

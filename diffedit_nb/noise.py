@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDIMInverseScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
+import numpy as np
 from tqdm.auto import tqdm
 from .components import SDComponents
 
@@ -21,11 +22,19 @@ def ddim_scheduler(sd:SDComponents, steps:int=50)->DDIMScheduler:
     sched.set_timesteps(steps, device=sd.device)
     return sched
 
-def model_scheduler(sd:SDComponents, steps:int=50):
-    "The scheduler of the model's own kind set to `steps`: DDIM for the UNet models (`ddim_scheduler`), the flow's Euler for SD3."
-    if sd.family != "sd3": return ddim_scheduler(sd, steps)
+def model_scheduler(sd:SDComponents, steps:int=50,
+                    latents:torch.Tensor|None=None, # (1, C, h, w): Flux's shift depends on the image's size (its token count)
+                   ):
+    "The scheduler of the model's own kind set to `steps`: DDIM for the UNet models (`ddim_scheduler`), the flow's Euler for SD3 and Flux."
+    if not sd.flow: return ddim_scheduler(sd, steps)
     sched = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler.config)
-    sched.set_timesteps(steps, device=sd.device)
+    if sd.family != "flux": sched.set_timesteps(steps, device=sd.device); return sched  # as StableDiffusion3Pipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # here: importing it loads image processors (and their warnings)
+    c = sched.config  # as FluxPipeline: sigmas 1 .. 1/steps, shifted by mu, which grows with the number of 2x2 patches
+    if c.use_dynamic_shifting and latents is None: raise ValueError("Flux's schedule depends on the image size: pass `latents`.")
+    mu = calculate_shift(latents.shape[-2] // 2 * (latents.shape[-1] // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15)) if c.use_dynamic_shifting else None
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=sd.device)
     return sched
 
 # %% ../nbs/02_noise.ipynb #e7c7ce76

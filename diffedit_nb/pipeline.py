@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
-from .components import SDComponents, model_family, load_sd, shapes_model_path
+from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path
 from .encode import load_image, model_size, encode, decode, show_images
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator
@@ -81,19 +81,20 @@ class DiffEdit:
                         *, device=None, dtype=None,
                         resolution:int|None=None, # image side to work at (None: the model's)
                         **kwargs):
-        "Load a Stable Diffusion 1.x/2.x or SDXL checkpoint for editing (`vae=` another VAE, e.g. SDXL's fp16 fix)."
+        "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5)."
         model = _resolve_model(model)
         return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution)
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None):
-        "Reuse the components of a loaded diffusers Stable Diffusion, SDXL or SD3 pipeline (no copy)."
+        "Reuse the components of a loaded diffusers Stable Diffusion, SDXL, SD3 or Flux pipeline (no copy; offloaded or quantised parts too)."
         parts = {k: getattr(pipe, k, None) for k in ("unet", "transformer", "text_encoder", "text_encoder_2")}
         family = model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
         get = lambda k: getattr(pipe, k, None)
         extra = dict(text_encoder_2=get("text_encoder_2"), tokenizer_2=get("tokenizer_2"))
         if family == "sdxl": extra["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
         if family == "sd3": extra.update(transformer=get("transformer"), text_encoder_3=get("text_encoder_3"), tokenizer_3=get("tokenizer_3"))
+        if family == "flux": extra.update(transformer=get("transformer"), max_sequence_length=512 if pipe.transformer.config.guidance_embeds else 256)
         return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, get("unet"), pipe.scheduler, **extra), resolution=resolution)
 
     def embeds(self, *prompts:str)->torch.Tensor:
@@ -165,7 +166,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query)
     original, size, lat = self._prepare(image)
-    m, alpha = self._mask_step(original, lat, ref, query, model_scheduler(self.sd, steps), k, make_generator(seed, generator),
+    m, alpha = self._mask_step(original, lat, ref, query, model_scheduler(self.sd, steps, lat), k, make_generator(seed, generator),
                                batch_size, progress)
     return MaskResult(_mask_image(resize_map(alpha, original.size)), resize_map(m, original.size))
 
@@ -185,7 +186,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           start:float=DEFAULTS.start, # noise level the edit starts from (0.5 = halfway)
           steps:int=DEFAULTS.steps, # DDIM steps of the full schedule
-          guidance_scale:float=DEFAULTS.guidance_scale, # classifier-free guidance towards the query
+          guidance_scale:float|None=DEFAULTS.guidance_scale, # guidance towards the query; None: the model's (7.5; Flux-dev 3.5, embedded)
           background:str=DEFAULTS.background, # "inversion" (paper), "renoise" (blog) or "uncond" (repo)
           negative_prompt:str|None=DEFAULTS.negative_prompt, # guidance's negative prompt; None: the reference
           sampler:str|None=DEFAULTS.sampler, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
@@ -205,10 +206,13 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
               negative_prompt=negative_prompt, sampler=sampler, spacing=spacing)
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
+    if not self.sd.cfg and negative_prompt != "":
+        warnings.warn(f"{FAMILIES[self.sd.family]} takes its guidance as an input of the model, not from a negative prompt: "
+                      f"negative_prompt={negative_prompt!r} is not used.", stacklevel=2)
     g = make_generator(seed, generator)
-    sched = model_scheduler(self.sd, steps)  # the mask's grid: the model's own (DDIM as in the paper; SD3: the flow's)
-    # 2. load and encode the image once: latents (1, 4, h, w)
+    # 2. load and encode the image once: latents (1, C, h, w)
     original, size, lat = self._prepare(image)
+    sched = model_scheduler(self.sd, steps, lat)  # the mask's grid: the model's own (DDIM as in the paper; SD3, Flux: the flow's)
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`)
     m, alpha = self._mask_step(original, lat, ref, query, sched, k, g, batch_size, progress)
     mask_map_in = resize_map(m, original.size)
@@ -216,7 +220,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
         return EditResult(Image.new("L", original.size, 0), mask_map_in, original.copy())
     # 4. masked, guided denoising from `start`
     uncond, e_query, e_neg = self.embeds("", query, ref if negative_prompt is None else negative_prompt)[:, None]
-    edited = denoise(self.sd, edit_scheduler(self.sd, sampler, steps, spacing), lat, uncond, e_query, latent_mask(alpha, lat.shape[-2:], lat.device, lat.dtype),
+    edited = denoise(self.sd, edit_scheduler(self.sd, sampler, steps, spacing, lat), lat, uncond, e_query, latent_mask(alpha, lat.shape[-2:], lat.device, lat.dtype),
                      start=start, guidance_scale=guidance_scale, background=background, generator=g,
                      callback=callback, progress=progress, negative_embeds=e_neg)
     # 5. decode and put the edit back at the input's size
