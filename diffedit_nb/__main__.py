@@ -25,10 +25,10 @@ def _parser():
     p.add_argument("--query", required=True, help="what it should become, e.g. 'a bowl of apples'")
     p.add_argument("-o", "--out", required=True, help="output image path (.png, .jpg, .webp, ...)")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x or SDXL, or 'shapes' (bundled, offline: "
-                   f"knows 4 colours and 3 shapes, prompts like 'a red circle'); default {DEFAULT_MODEL}")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
+                   f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3'); default {DEFAULT_MODEL}")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
-    p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL)")
+    p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL, SD3, Flux)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
     d = DEFAULTS
     p.add_argument("--n", type=int, default=d.n, help=f"noise draws for the mask (default {d.n})")
@@ -43,11 +43,11 @@ def _parser():
     p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="guidance towards the query (default: the model's, "
                    "7.5 classifier-free; Flux-dev 3.5, embedded)")
     p.add_argument("--background", choices=BACKGROUNDS, default=d.background, help=f"background strategy (default {d.background})")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="the edit's sampler (default: the model's own, DDIM; SD3: the flow's Euler)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="the edit's sampler (default: the model's own, DDIM; SD3, Flux: the flow's Euler)")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing, help=f"the edit's timestep grid (default {d.spacing})")
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="negative prompt of the guidance (default: the empty prompt)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda (Flux: bfloat16), float32 on cpu")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

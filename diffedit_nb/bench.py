@@ -279,11 +279,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="diffedit-bench", description="diffusers' DiffEdit and LEDITS++ vs diffedit_nb on the bundled shapes model")
     p.add_argument("--scenes", type=int, default=20, help="held-out scenes, seeds 0 to N-1 (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
-    p.add_argument("--model", default=str(SHAPES_MODEL), help="model folder (default: the bundled shapes model)")
+    p.add_argument("--model", default=str(SHAPES_MODEL), help="model folder or 'shapes', 'shapes-xl', 'shapes-sd3' (default: the bundled shapes model); "
+                   "diffusers' pipelines run beside ours on SD 1.x/2.x models only")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     de = DiffEdit.from_pretrained(a.model, device=a.device)
-    rows = bench(default_methods(de, diffusers_pipe(de.sd), ledits_pipe(de.sd)), seeds=range(a.scenes), repeats=a.repeats,
-                 unet=de.sd.unet, device=de.sd.device)
+    peers = (diffusers_pipe(de.sd), ledits_pipe(de.sd)) if de.sd.family == "sd" else (None, None)  # both are SD 1.x/2.x pipelines
+    rows = bench(default_methods(de, *peers, samplers=not de.sd.flow), seeds=range(a.scenes), repeats=a.repeats,
+                 unet=de.sd.denoiser, device=de.sd.device)
     print(f"{a.scenes} held-out scenes, {torch.get_num_threads()} threads, device {de.sd.device}\n")
     print(table(rows), table(rows, "shape"), f"no edit: shape_edit_iou {no_edit_shape_iou(range(a.scenes)):.3f}", sep="\n\n")

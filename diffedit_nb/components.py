@@ -312,11 +312,13 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD
 
 
 # %% ../nbs/00_components.ipynb #4702227e
-def shapes_model_path(family:str="sd", # "sd": the Stable Diffusion layout; "sdxl": the same model in SDXL's layout (`09_sdxl`)
+_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3"}
+
+def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`)
                      )->Path:
-    "Folder of the small shapes model bundled in the package (`06_shapes`)."
-    if family not in FAMILIES: raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}.")
-    return Path(importlib.resources.files("diffedit_nb")) / "models" / ("shapes" if family == "sd" else "shapes_xl")
+    "Folder of a small shapes model bundled in the package."
+    if family not in _BUNDLED: raise ValueError(f"a shapes model is bundled for the families {list(_BUNDLED)}; got {family!r}.")
+    return Path(importlib.resources.files("diffedit_nb")) / "models" / _BUNDLED[family]
 
 def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one
                   )->CLIPTokenizer:

@@ -57,8 +57,8 @@ def _mask_image(alpha:np.ndarray)->Image.Image:
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
 def _resolve_model(model):
-    "The bundled models' short names: 'shapes' (SD layout) and 'shapes-xl' (the same model in SDXL's layout)."
-    return {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl")}.get(str(model), model)
+    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer)."
+    return {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3")}.get(str(model), model)
 
 def _load_vocabulary(model)->dict|None:
     "The words a model folder says its model knows (`vocabulary.json`: category -> words), or None."
