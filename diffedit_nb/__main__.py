@@ -8,7 +8,7 @@ import argparse, io, sys, warnings
 from pathlib import Path
 from PIL import Image
 from . import __version__
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, Knobs, check_knobs, write_atomic
 
 # %% auto #0
@@ -86,7 +86,7 @@ def main(argv:list|None=None)->int:
                       fill_holes=not a.no_fill_holes, refine=not a.no_refine, start=a.start, steps=a.steps,
                       guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt,
                       sampler=a.sampler, spacing=a.spacing)
-        check_knobs(knobs)
+        check_knobs(replace(knobs, sampler=None) if knobs.sampler == "euler" else knobs)  # Euler + inversion: fine on a flow model, checked once it is loaded
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
         _check_input(a.image)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])

@@ -34,12 +34,12 @@ def tokenize(tokenizer, prompts:list)->torch.Tensor: # (len(prompts), 77) token 
 @torch.no_grad()
 def embed_prompts(sd:SDComponents, prompts:list)->torch.Tensor: # (len(prompts), 77, hidden); SDXL: (len(prompts), 77 + sd.pooled_rows, 2048); Flux: (len(prompts), 512 + 1, 4096)
     "Text embeddings of `prompts` as the model conditions on them, in `sd`'s device and dtype."
-    if sd.family == "flux": return _embed_flux(sd, prompts)
-    if sd.family != "sd": return _embed_pooled(sd, prompts)
+    if sd.family == "flux": return _embed_flux(sd, prompts).to(sd.device, sd.dtype)  # the text encoders may sit elsewhere (CPU, another GPU)
+    if sd.family != "sd": return _embed_pooled(sd, prompts).to(sd.device, sd.dtype)
     ids = tokenize(sd.tokenizer, prompts).to(get_module_execution_device(sd.text_encoder))
     use_mask = getattr(sd.text_encoder.config, "use_attention_mask", False)
     mask = (ids != sd.tokenizer.pad_token_id).long() if use_mask else None
-    return sd.text_encoder(ids, attention_mask=mask)[0].to(sd.dtype)
+    return sd.text_encoder(ids, attention_mask=mask)[0].to(sd.device, sd.dtype)
 
 def _t5_embeds(sd:SDComponents, prompts:list)->torch.Tensor:
     "The T5 states (SD3's third encoder, Flux's second), `max_sequence_length` tokens; SD3 without T5: zeros (as diffusers)."
@@ -68,7 +68,7 @@ def _embed_pooled(sd:SDComponents, prompts:list)->torch.Tensor:
     hidden = torch.cat(hidden, -1)  # (B, 77, d1 + d2)
     if sd.family == "sd3":  # pooled: both encoders' projections; tokens: CLIP's padded to T5's width, then T5's
         pooled, t5 = torch.cat(pools, -1), _t5_embeds(sd, prompts)
-        hidden = torch.cat([torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5.to(hidden.dtype)], 1)
+        hidden = torch.cat([torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5.to(hidden)], 1)
     else: pooled = pools[-1]  # SDXL: the second encoder's projection
     d, k = hidden.shape[-1], sd.pooled_rows
     rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)

@@ -111,7 +111,7 @@ def encode(sd:SDComponents, image:Image.Image, # an RGB image (see `load_image`)
     with vae_precision(sd) as dt:
         x = image_processor(sd).preprocess(image, height=h, width=w).to(get_module_execution_device(sd.vae), dt)  # offloaded: the GPU
         lat = sd.vae.encode(x).latent_dist.mean
-    return ((lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor).to(sd.dtype)
+    return ((lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor).to(sd.device, sd.dtype)  # where the denoiser runs
 
 # %% ../nbs/00_encode.ipynb #4a1e853d
 @torch.no_grad()
@@ -119,7 +119,7 @@ def decode(sd:SDComponents, latents:torch.Tensor, # scaled latents (batch, 4, h,
           )->list: # one PIL image per latent
     "Decode scaled latents into PIL images; never returns a NaN image."
     z = latents / sd.vae.config.scaling_factor + (sd.vae.config.shift_factor or 0.)
-    with vae_precision(sd) as dt: x = sd.vae.decode(z.to(dt)).sample
+    with vae_precision(sd) as dt: x = sd.vae.decode(z.to(get_module_execution_device(sd.vae), dt)).sample
     if not torch.isfinite(x).all() and sd.vae.dtype != torch.float32:
         # half-precision VAEs can overflow (SDXL's is known to): decode once more in float32
         dt = sd.vae.dtype

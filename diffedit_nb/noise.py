@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDIMInverseScheduler, FlowMatchEulerDiscret
 from diffusers.utils.torch_utils import randn_tensor
 import numpy as np
 from tqdm.auto import tqdm
-from .components import SDComponents
+from .components import SDComponents, FAMILIES
 
 # %% auto #0
 __all__ = ['ddim_scheduler', 'model_scheduler', 'start_index', 'make_generator', 'noise_latents', 'noised', 'ddim_invert',
@@ -28,13 +28,15 @@ def model_scheduler(sd:SDComponents, steps:int=50,
     "The scheduler of the model's own kind set to `steps`: DDIM for the UNet models (`ddim_scheduler`), the flow's Euler for SD3 and Flux."
     if not sd.flow: return ddim_scheduler(sd, steps)
     sched = FlowMatchEulerDiscreteScheduler.from_config(sd.scheduler.config)
-    if sd.family != "flux": sched.set_timesteps(steps, device=sd.device); return sched  # as StableDiffusion3Pipeline
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # here: importing it loads image processors (and their warnings)
-    c = sched.config  # as FluxPipeline: sigmas 1 .. 1/steps, shifted by mu, which grows with the number of 2x2 patches
-    if c.use_dynamic_shifting and latents is None: raise ValueError("Flux's schedule depends on the image size: pass `latents`.")
-    mu = calculate_shift(latents.shape[-2] // 2 * (latents.shape[-1] // 2), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                         c.get("base_shift", 0.5), c.get("max_shift", 1.15)) if c.use_dynamic_shifting else None
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=sd.device)
+    c, mu = sched.config, None
+    if c.use_dynamic_shifting:  # the shift grows with the number of image tokens (2x2 patches; SD3: its patch size), as the pipelines compute it
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # here: importing it loads image processors (and their warnings)
+        if latents is None: raise ValueError(f"This model's schedule ({FAMILIES[sd.family]}, dynamic shifting) depends on the image size: pass `latents`.")
+        p = 2 if sd.family == "flux" else sd.transformer.config.patch_size
+        mu = calculate_shift(latents.shape[-2] // p * (latents.shape[-1] // p), c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    if sd.family == "flux": sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device=sd.device)  # as FluxPipeline: 1 .. 1/steps
+    else: sched.set_timesteps(steps, mu=mu, device=sd.device)  # as StableDiffusion3Pipeline
     return sched
 
 # %% ../nbs/02_noise.ipynb #e7c7ce76
@@ -92,6 +94,6 @@ def flow_invert(sd:SDComponents, sched:FlowMatchEulerDiscreteScheduler, # the fl
     for i in tqdm(range(n - 1, start - 1, -1), desc="inversion", disable=not progress, leave=False):
         lo, hi = sig[i + 1], sig[i]  # from the lower noise level up to the next one of the grid
         v = sd.predict(x, lo * sched.config.num_train_timesteps, embeds)  # the velocity noise - x0 at the lower level
-        x = x + (hi - lo) * v
+        x = (x.float() + (hi - lo) * v.float()).to(x.dtype)  # in float32, as the scheduler's forward step
         traj.append(x)
     return traj[::-1]

@@ -60,6 +60,18 @@ def _resolve_model(model):
     "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer)."
     return {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3")}.get(str(model), model)
 
+def _check_denoiser(sd:SDComponents):
+    "Refuse what DiffEdit cannot drive right, saying why: a Flux transformer with extra image channels, a cache across calls; warn about Flux in float16."
+    tr = sd.transformer
+    if sd.family == "flux" and tr.config.in_channels != 4 * sd.vae.config.latent_channels:
+        raise ValueError(f"This Flux transformer takes {tr.config.in_channels} input channels, not the {4 * sd.vae.config.latent_channels} of packed "
+                         "latents: a Fill, Canny or Depth model adds image channels. DiffEdit drives the text-to-image Flux.1 models (dev, schnell).")
+    if getattr(sd.denoiser, "is_cache_enabled", False):
+        raise ValueError("The denoiser has a diffusers cache enabled (`enable_cache`): it would reuse results across DiffEdit's mask, inversion and "
+                         "edit calls, which differ in prompts and batch. Call `pipe.transformer.disable_cache()` (or `pipe.unet.disable_cache()`) first.")
+    if sd.family == "flux" and sd.dtype == torch.float16:
+        warnings.warn("Flux overflows in float16 (NaN or black images); load it in bfloat16 (the default on a GPU).", stacklevel=3)
+
 def _load_vocabulary(model)->dict|None:
     "The words a model folder says its model knows (`vocabulary.json`: category -> words), or None."
     f = Path(str(model)).expanduser()/"vocabulary.json"
@@ -73,6 +85,7 @@ class DiffEdit:
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
+        _check_denoiser(sd)
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
         self.resolution = resolution or sd.resolution
 
@@ -200,12 +213,15 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     "Edit `image`: repaint the region where `ref` and `query` disagree, so it shows `query`."
     # 1. check inputs, before any model work
     _check_prompts(ref, query)
+    if self.sd.flow and sampler == "euler": sampler = None  # a flow's sampler is Euler, and it inverts
     if negative_prompt is not None: _check_prompts(negative_prompt, query)
     k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
               refine=refine, blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background,
               negative_prompt=negative_prompt, sampler=sampler, spacing=spacing)
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
+    if self.sd.family == "flux" and not self.sd.transformer.config.guidance_embeds and guidance_scale is not None:
+        warnings.warn("This Flux model (schnell) takes no guidance: guidance_scale is not used.", stacklevel=2)
     if not self.sd.cfg and negative_prompt != "":
         warnings.warn(f"{FAMILIES[self.sd.family]} takes its guidance as an input of the model, not from a negative prompt: "
                       f"negative_prompt={negative_prompt!r} is not used.", stacklevel=2)
