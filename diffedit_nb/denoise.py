@@ -15,11 +15,16 @@ from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_a
 from .noise import start_index, ddim_invert, flow_invert, model_scheduler, noised
 
 # %% auto #0
-__all__ = ['edit_scheduler', 'dpm_invert', 'denoise']
+__all__ = ['check_sampler', 'edit_scheduler', 'dpm_invert', 'denoise']
 
 # %% ../nbs/04_denoise.ipynb #474c0d37
 _SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
                "euler": (EulerDiscreteScheduler, {})}
+
+def check_sampler(sd:SDComponents, sampler:str|None):
+    "Refuse a UNet sampler for a flow-matching model, whose sampler is the flow's Euler."
+    if sd.flow and sampler not in (None, "euler"):
+        raise ValueError(f"{FAMILIES[sd.family]} is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
 
 def edit_scheduler(sd:SDComponents, sampler:str|None=DEFAULTS.sampler, # None (the model's own), "ddim", "dpm++2m" or "euler"
                    steps:int=DEFAULTS.steps, spacing:str=DEFAULTS.spacing, # timestep grid (UNet models); "model": the model's config
@@ -27,10 +32,8 @@ def edit_scheduler(sd:SDComponents, sampler:str|None=DEFAULTS.sampler, # None (t
                   ):
     "A new scheduler of kind `sampler` for the edit, with `sd`'s noise schedule, set to `steps` steps on the `spacing` grid."
     check_denoise_args(steps=steps, sampler=sampler, spacing=spacing, background="renoise")  # the background is denoise's to check
-    if sd.flow:  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
-        if sampler not in (None, "euler"):
-            raise ValueError(f"{FAMILIES[sd.family]} is a flow-matching model: its sampler is the flow's Euler (None or 'euler'); got {sampler!r}.")
-        return model_scheduler(sd, steps, latents)
+    check_sampler(sd, sampler)
+    if sd.flow: return model_scheduler(sd, steps, latents)  # a flow: Euler steps on its own sigma grid (from pure noise, with the model's shift)
     cls, extra = _SCHEDULERS[sampler or "ddim"]
     s = cls.from_config(sd.scheduler.config, **extra, **({} if spacing == "model" else dict(timestep_spacing=spacing)))
     s.set_timesteps(steps, device=sd.device)

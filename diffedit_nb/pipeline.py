@@ -16,7 +16,7 @@ from .encode import load_image, model_size, encode, decode, show_images
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator
 from .mask import mask_map, resize_map, refine_mask, latent_mask
-from .denoise import denoise, edit_scheduler
+from .denoise import denoise, edit_scheduler, check_sampler
 
 # %% auto #0
 __all__ = ['MaskResult', 'EditResult', 'composite', 'DiffEdit']
@@ -218,7 +218,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
               refine=refine, blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background,
               negative_prompt=negative_prompt, sampler=sampler, spacing=spacing)
-    check_knobs(k, batch_size)
+    check_knobs(k, batch_size); check_sampler(self.sd, sampler)
     _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
     if self.sd.family == "flux" and not self.sd.transformer.config.guidance_embeds and guidance_scale is not None:
         warnings.warn("This Flux model (schnell) takes no guidance: guidance_scale is not used.", stacklevel=2)
