@@ -171,7 +171,7 @@ def model_family(index:dict, # the model's `model_index.json`
     if has("transformer"):
         if cls.startswith("StableDiffusion3") and has("text_encoder") and has("text_encoder_2"): return "sd3"
         if cls.startswith("Flux") and any(w in cls for w in ("Fill", "Control", "Kontext", "Redux", "Prior")):
-            raise ValueError(f"{cls} is a Flux variant whose transformer takes extra image inputs; DiffEdit drives the text-to-image "
+            raise ValueError(f"{cls} is a Flux variant conditioned on extra image inputs (a control image, a mask, a reference); DiffEdit drives the text-to-image "
                              "Flux.1 models (FluxPipeline: dev, schnell).")
         if cls.startswith("Flux") and has("text_encoder") and has("text_encoder_2"): return "flux"
         raise ValueError(f"{cls} is a transformer model DiffEdit does not drive; supported: {supported}.")
