@@ -51,13 +51,16 @@ def _t5_embeds(sd:SDComponents, prompts:list)->torch.Tensor:
     if long: warnings.warn(f"The prompt {long[0][:40]!r}... is longer than the {n} T5 tokens the model takes; the rest was dropped.")
     return enc(ids.to(get_module_execution_device(enc)))[0]
 
+def _with_pooled_rows(sd:SDComponents, hidden:torch.Tensor, pooled:torch.Tensor)->torch.Tensor: # (B, tokens + sd.pooled_rows, d)
+    "The token states followed by the pooled vector, zero-padded into `sd.pooled_rows` rows of the states' width (`predict` takes it apart)."
+    d, k = hidden.shape[-1], sd.pooled_rows
+    rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(pooled), k, d)
+    return torch.cat([hidden, rows.to(hidden)], 1).to(sd.dtype)
+
 def _embed_flux(sd:SDComponents, prompts:list)->torch.Tensor:
     "Flux: T5's states, and CLIP's pooled output in extra rows (CLIP's token states are not used)."
     pooled = sd.text_encoder(tokenize(sd.tokenizer, prompts).to(get_module_execution_device(sd.text_encoder))).pooler_output
-    hidden = _t5_embeds(sd, prompts)
-    d, k = hidden.shape[-1], sd.pooled_rows
-    rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)
-    return torch.cat([hidden, rows.to(hidden)], 1).to(sd.dtype)
+    return _with_pooled_rows(sd, _t5_embeds(sd, prompts), pooled)
 
 def _embed_pooled(sd:SDComponents, prompts:list)->torch.Tensor:
     "SDXL and SD3: the CLIP encoders' penultimate hidden states side by side (SD3: then T5's), the pooled vector in extra rows."
@@ -70,9 +73,7 @@ def _embed_pooled(sd:SDComponents, prompts:list)->torch.Tensor:
         pooled, t5 = torch.cat(pools, -1), _t5_embeds(sd, prompts)
         hidden = torch.cat([torch.nn.functional.pad(hidden, (0, t5.shape[-1] - hidden.shape[-1])), t5.to(hidden)], 1)
     else: pooled = pools[-1]  # SDXL: the second encoder's projection
-    d, k = hidden.shape[-1], sd.pooled_rows
-    rows = torch.nn.functional.pad(pooled, (0, k * d - pooled.shape[-1])).view(len(prompts), k, d)
-    emb = torch.cat([hidden, rows.to(hidden.dtype)], 1).to(sd.dtype)
+    emb = _with_pooled_rows(sd, hidden, pooled)
     if sd.force_zeros_for_empty_prompt: emb[[p == "" for p in prompts]] = 0  # the model's unconditional input
     return emb
 
