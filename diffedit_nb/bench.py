@@ -20,7 +20,7 @@ from .shapes import scene, edit_target, COLORS, SHAPES_MODEL, iou, far_from, obj
 # %% auto #0
 __all__ = ['LEDITS_DEFAULTS', 'COLOR_COLS', 'SHAPE_COLS', 'diffusers_pipe', 'run_diffusers', 'run_ours', 'ledits_pipe',
            'ledits_mask', 'run_ledits', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'mask_metrics',
-           'painted', 'bg_figures', 'measure', 'shape_edit', 'measure_shape', 'no_edit_shape_iou', 'time_edit',
+           'painted', 'bg_figures', 'measure', 'shape_edit', 'measure_shape', 'no_edit_shape_iou', 'time_edits',
            'summarise', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'main']
 
 # %% ../nbs/07_bench.ipynb #504246e1
@@ -175,14 +175,18 @@ def no_edit_shape_iou(seeds, size:int=64)->float:
     return float(np.mean([iou(sc.mask, new) for sc, *_, new in map(lambda s: shape_edit(s, size), seeds)]))
 
 # %% ../nbs/07_bench.ipynb #069e4e28
-def time_edit(fn, sc, q, seed:int, repeats:int, unet, device)->tuple: # (median seconds, UNet rows of one edit, peak MiB)
-    "Time `repeats` warm runs of one edit; count the rows one run sends through `unet`."
-    with count_unet_rows(unet) as rows: fn(sc.image, sc.caption, q, seed)  # warm-up, counted
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); _, mem = peak_memory(lambda: fn(sc.image, sc.caption, q, seed), device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), sum(rows), mem
+def time_edits(methods:dict, # name -> fn(image, ref, query, seed)
+               sc, q, seed:int, repeats:int, unet, device)->dict: # name -> (median seconds, UNet rows of one edit, peak MiB)
+    "Time `repeats` warm runs of one edit by each method, in interleaved rounds; count the rows one run sends through `unet`."
+    rows, times, mem = {}, {k: [] for k in methods}, {}
+    for name, fn in methods.items():
+        with count_unet_rows(unet) as r: fn(sc.image, sc.caption, q, seed)  # warm-up, counted
+        rows[name] = sum(r)
+    for _ in range(repeats):  # each round times every method once: a busy spell of the machine slows them all alike
+        for name, fn in methods.items():
+            t0 = time.perf_counter(); _, m = peak_memory(lambda: fn(sc.image, sc.caption, q, seed), device)
+            times[name].append(time.perf_counter() - t0); mem[name] = max(mem.get(name, m), m)
+    return {k: (float(np.median(times[k])), rows[k], mem[k]) for k in methods}
 
 def summarise(ms:list)->dict:
     "Mean of each figure over the scenes; median of the background PSNRs, max of the background max diffs."
@@ -194,16 +198,17 @@ def summarise(ms:list)->dict:
 
 def bench(methods:dict, # name -> fn(image, ref, query, seed) -> (image, bool mask or None)
           seeds=range(20), # held-out scene seeds
-          repeats:int=3, # timed runs per method
+          repeats:int=3, # timed runs per method (interleaved rounds)
           unet=None, # the UNet the methods share (its calls are counted)
           device="cpu",
           size:int=64, # scene size in pixels
          )->list: # one dict of figures per method
     "Colour and shape edits of the same scenes by each method: quality, background, speed, UNet evaluations, memory."
+    sc, q, _ = color_edit(seeds[0], size)
+    timed = time_edits(methods, sc, q, seeds[0], repeats, unet, device)
     rows = []
     for name, fn in methods.items():
-        sc, q, _ = color_edit(seeds[0], size)
-        sec, evals, mem = time_edit(fn, sc, q, seeds[0], repeats, unet, device)
+        sec, evals, mem = timed[name]
         col, shp = [], []
         for s in seeds:
             sc, q, target = color_edit(s, size); col.append(measure(*fn(sc.image, sc.caption, q, s), sc, target))
