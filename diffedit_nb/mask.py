@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 import cv2
-from scipy.ndimage import binary_fill_holes, distance_transform_edt
+from scipy.ndimage import binary_fill_holes
 from tqdm.auto import tqdm
 from .components import SDComponents
 from .encode import show_images
@@ -102,10 +102,10 @@ def show_blurs(image, mask_map:np.ndarray, blurs=(0, 3, 7, 15), threshold=DEFAUL
 
 # %% ../nbs/03_mask.ipynb #25fe5107
 def _guided(image, src, radius, eps, outside=None):
-    "OpenCV's guided filter of `src` guided by `image` (`eps` in [0, 1]^2 colour units). `outside`: an image whose border is carried beyond the frame, with `src` 0 there (None: OpenCV's mirrored border)."
+    "OpenCV's guided filter of `src` guided by `image` (`eps` in [0, 1]^2 colour units); `outside`: beyond the frame, this colour with `src` 0 (None: OpenCV's mirrored border)."
     r = max(int(round(radius)), 1)
     if outside is None: return cv2.ximgproc.guidedFilter(image, src.astype(np.float32), r, eps * 255 ** 2)
-    im = cv2.copyMakeBorder(np.ascontiguousarray(outside, dtype=image.dtype), r, r, r, r, cv2.BORDER_REPLICATE); im[r:-r, r:-r] = image
+    im = cv2.copyMakeBorder(image, r, r, r, r, cv2.BORDER_CONSTANT, value=tuple(float(v) for v in np.atleast_1d(outside)))
     s = cv2.copyMakeBorder(src.astype(np.float32), r, r, r, r, cv2.BORDER_CONSTANT, value=0)
     return cv2.ximgproc.guidedFilter(im, s, r, eps * 255 ** 2)[r:-r, r:-r]
 
@@ -115,7 +115,7 @@ def snap_mask(image:np.ndarray, # uint8 (H, W, 3) guide
               eps:float=1e-3, # guided-filter regularisation (colour variance, [0, 1] units)
               iters:int=10, # at most this many passes
               tol:float=1e-3, # stop when fewer than this fraction of the pixels change in a pass
-              outside=None, # image (H, W, 3) whose border goes on beyond the frame, outside the mask; None: the frame mirrors `image`
+              outside=None, # RGB colour assumed beyond the image's frame, outside the mask; None: the frame mirrors the image
              )->tuple: # (bool (H, W) mask, passes run)
     "Iterated guided filtering of a binary mask: each pass re-fits it as a local linear function of colour (> 0.5)."
     for i in range(iters):
@@ -140,7 +140,7 @@ def refine_edges(image:np.ndarray, # uint8 (H, W, 3), the image at the size of t
                  radius:float=4., # snapping window radius, in latent pixels
                  eps:float=1e-3, # guided-filter regularisation
                  min_sep:float=0.25, # fall back when the result keeps less than this share of `coarse`'s separation of the map
-                 frame_background:bool=True, # beyond the frame, the background goes on, outside the mask; False: mirror the image
+                 frame_background:bool=True, # beyond the frame, assume the background's median colour, outside the mask; False: mirror the image
                 )->tuple: # (bool (H, W) mask, info dict)
     "Snap a latent-resolution mask to the image's edges with guided filters; fall back to `coarse` when the map disagrees."
     image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -148,8 +148,7 @@ def refine_edges(image:np.ndarray, # uint8 (H, W, 3), the image at the size of t
     coarse = np.asarray(coarse, bool)
     if not coarse.any() or coarse.all(): return coarse.copy(), dict(fell_back=True, reason="nothing to refine")
     t = otsu_threshold(m) if threshold is None else threshold
-    # beyond the frame the background goes on: the image with each mask pixel given its nearest background pixel's colour, replicated
-    out = image[tuple(distance_transform_edt(coarse, return_distances=False, return_indices=True))] if frame_background else None
+    out = np.median(image[~coarse], 0) if frame_background else None                     # the background's colour, beyond the frame
     start = binary_fill_holes(np.clip(_guided(image, m, 2 * cell, eps, out), 0, 1) > t)  # 1. edge-aware upsampling of the map
     mask, passes = snap_mask(image, start, radius * cell, eps, outside=out)              # 2. snap to the edges
     sep = map_separation(m, mask) / max(map_separation(m, coarse), 1e-12)               # 3. does the map agree?
