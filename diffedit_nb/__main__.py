@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from . import __version__
 from dataclasses import asdict, replace
-from .defaults import DEFAULTS, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, Knobs, check_knobs, write_atomic
+from .defaults import DEFAULT, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, KNOBS, Knobs, check_knobs, write_atomic
 
 # %% auto #0
 __all__ = ['CLIError', 'save_image', 'main']
@@ -20,32 +20,35 @@ def _threshold(v): return v if v == "otsu" else float(v)
 def _parser():
     p = argparse.ArgumentParser(prog="diffedit", description="DiffEdit: edit IMAGE so that what --ref describes becomes --query.")
     p.add_argument("--version", action="version", version=f"diffedit_nb {__version__}")
-    p.add_argument("image", help="input image: path or http(s) URL")
-    p.add_argument("--ref", required=True, help="what is in the image, e.g. 'a bowl of strawberries'")
-    p.add_argument("--query", required=True, help="what it should become, e.g. 'a bowl of apples'")
-    p.add_argument("-o", "--out", required=True, help="output image path (.png, .jpg, .webp, ...)")
+    p.add_argument("image", nargs="?", help="input image: path or http(s) URL")
+    p.add_argument("--ref", help="what is in the image, e.g. 'a bowl of strawberries' (required)")
+    p.add_argument("--query", help="what it should become, e.g. 'a bowl of apples' (required)")
+    p.add_argument("-o", "--out", help="output image path (.png, .jpg, .webp, ...) (required)")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
                    f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3'); default {DEFAULT_MODEL}")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
     p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL, SD3, Flux)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
-    d = DEFAULTS
-    p.add_argument("--n", type=int, default=d.n, help=f"noise draws for the mask (default {d.n})")
-    p.add_argument("--mask-strength", type=float, default=d.mask_strength, help=f"noise level of the mask draws (default {d.mask_strength})")
-    p.add_argument("--threshold", type=_threshold, default=d.threshold, help=f"mask threshold in [0, 1] or 'otsu' (default {d.threshold})")
-    p.add_argument("--smooth", type=float, default=d.smooth, help=f"Gaussian smoothing of the map, latent pixels (default {d.smooth})")
-    p.add_argument("--blur", type=int, default=d.blur, help=f"mask feathering kernel size in pixels (default {d.blur})")
-    p.add_argument("--no-fill-holes", action="store_true", help="do not fill holes in the mask")
-    p.add_argument("--no-refine", action="store_true", help="do not snap the mask to the image's edges")
-    p.add_argument("--start", type=float, default=d.start, help=f"noise level the edit starts from (default {d.start})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
-    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale, help="guidance towards the query (default: the model's, "
-                   "7.5 classifier-free; Flux-dev 3.5, embedded)")
-    p.add_argument("--background", choices=BACKGROUNDS, default=d.background, help=f"background strategy (default {d.background})")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="the edit's sampler (default: the model's own, DDIM; SD3, Flux: the flow's Euler)")
-    p.add_argument("--spacing", choices=SPACINGS, default=d.spacing, help=f"the edit's timestep grid (default {d.spacing})")
-    p.add_argument("--negative-prompt", default=d.negative_prompt, help="negative prompt of the guidance (default: the empty prompt)")
+    k = p.add_argument_group("knobs", "Their defaults depend on the model: the model folder's diffedit.json, else its family's published "
+                             "settings (SD 1.x: 50 steps from 0.8, guidance 7.5; SDXL: 50, 5.0; SD3: 28, 7.0; Flux-dev: 28, 3.5; "
+                             "Flux-schnell: 4 steps, no guidance), else the generic ones. --show-defaults prints them for --model.")
+    def knob(flag, help, **kw): k.add_argument(flag, default=DEFAULT, help=help, **kw)
+    knob("--n", "noise draws for the mask", type=int)
+    knob("--mask-strength", "noise level of the mask draws, in (0, 1]", type=float)
+    knob("--threshold", "mask threshold: a number in [0, 1], or 'otsu'", type=_threshold)
+    knob("--smooth", "Gaussian smoothing of the map, latent pixels", type=float)
+    knob("--blur", "mask feathering kernel size in pixels", type=int)
+    k.add_argument("--no-fill-holes", dest="fill_holes", action="store_const", const=False, default=DEFAULT, help="do not fill holes in the mask")
+    k.add_argument("--no-refine", dest="refine", action="store_const", const=False, default=DEFAULT, help="do not snap the mask to the image's edges")
+    knob("--start", "noise level the edit starts from, in (0, 1] (1 = pure noise)", type=float)
+    knob("--steps", "steps of the full schedule", type=int)
+    knob("--guidance-scale", "guidance towards the query (Flux-dev: embedded guidance)", type=float)
+    knob("--background", "how the background is kept", choices=BACKGROUNDS)
+    knob("--sampler", "the edit's sampler (the model's own: DDIM; SD3, Flux: the flow's Euler)", choices=SAMPLERS)
+    knob("--spacing", "the edit's timestep grid ('model': the model's scheduler config)", choices=SPACINGS)
+    knob("--negative-prompt", "negative prompt of the guidance (generic default: the empty prompt)")
+    p.add_argument("--show-defaults", action="store_true", help="print the knobs an edit with --model would use and where each comes from, and exit")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda (Flux: bfloat16), float32 on cpu")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -78,15 +81,28 @@ def save_image(img:Image.Image, path):
 
 def _one_line(msg)->str: return " ".join(str(msg).split())
 
+def _show_defaults(model:str)->str:
+    "The knobs an edit with `model` would use and where each comes from, read from its configs and `diffedit.json` (no weights)."
+    from diffedit_nb.pipeline import _resolve_model, _load_knobs
+    from diffedit_nb.components import read_variant
+    from diffedit_nb.defaults import resolve_knobs, VARIANTS
+    m = _resolve_model(model)
+    variant = read_variant(m)
+    knobs, source = _load_knobs(m)
+    return f"{model}: {VARIANTS[variant]} ({variant})\n{resolve_knobs(folder=knobs, variant=variant, folder_source=source)}"
+
 def main(argv:list|None=None)->int:
     "The `diffedit` command."
-    a = _parser().parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
+    p = _parser()
+    a = p.parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
+    if not a.show_defaults:
+        missing = [name for name, v in (("IMAGE", a.image), ("--ref", a.ref), ("--query", a.query), ("-o/--out", a.out)) if v is None]
+        if missing: p.error(f"the following arguments are required: {', '.join(missing)}")
+    given = {k: getattr(a, k) for k in KNOBS if getattr(a, k, DEFAULT) is not DEFAULT}
     try:
-        knobs = Knobs(n=a.n, mask_strength=a.mask_strength, threshold=a.threshold, smooth=a.smooth, blur=a.blur,
-                      fill_holes=not a.no_fill_holes, refine=not a.no_refine, start=a.start, steps=a.steps,
-                      guidance_scale=a.guidance_scale, background=a.background, negative_prompt=a.negative_prompt,
-                      sampler=a.sampler, spacing=a.spacing)
-        check_knobs(replace(knobs, sampler=None) if knobs.sampler == "euler" else knobs)  # Euler + inversion: fine on a flow model, checked once it is loaded
+        if a.show_defaults: print(_show_defaults(a.model)); return 0
+        pre = Knobs(**given)
+        check_knobs(replace(pre, sampler=None) if pre.sampler == "euler" else pre)  # Euler + inversion: fine on a flow model, checked once it is loaded
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
         _check_input(a.image)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
@@ -99,7 +115,7 @@ def main(argv:list|None=None)->int:
             warnings.simplefilter("default")
             de = DiffEdit.from_pretrained(a.model, device=a.device, dtype=a.dtype, resolution=a.resolution,
                                           **({"vae": a.vae} if a.vae else {}))
-            res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **asdict(knobs))
+            res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **given)
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)

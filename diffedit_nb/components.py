@@ -12,12 +12,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, Diffus
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5Config
 from transformers.utils import logging as tf_logging
-from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic
+from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant
 
 # %% auto #0
 __all__ = ['FAMILIES', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype',
            'resolve_device_dtype', 'model_family', 'check_model_folder', 'check_model_source', 'load_sd',
-           'shapes_model_path', 'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd']
+           'read_variant', 'shapes_model_path', 'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd',
+           'save_sd']
 
 # %% ../nbs/00_components.ipynb #a600d90c
 FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3/3.5", "flux": "Flux.1 (dev, schnell)"}
@@ -57,6 +58,10 @@ class SDComponents:
         return 3.5 if self.transformer.config.guidance_embeds else 0.
     @property
     def denoiser(self): return self.unet if self.unet is not None else self.transformer
+    @property
+    def variant(self)->str:
+        "The variant whose published defaults apply (`defaults.FAMILY_DEFAULTS`): 'sd', 'sd2', 'sdxl', 'sd3', 'sd35-medium', 'sd35-large', 'flux-dev', 'flux-schnell'."
+        return model_variant(self.family, dict(self.scheduler.config), dict(self.denoiser.config))
     def modules(self)->list:
         "The torch modules: VAE, text encoder(s), UNet or transformer."
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.unet, self.transformer) if m is not None]
@@ -310,6 +315,18 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD
     for m in sd.modules(): m.to(device).eval().requires_grad_(False)
     return sd
 
+
+# %% ../nbs/00_components.ipynb #f8a67c03
+def read_variant(model:str|Path, # hub id or local diffusers folder
+                 **kwargs, # hub arguments (`local_files_only`, `revision`, ...)
+                )->str: # a key of `defaults.FAMILY_DEFAULTS`
+    "The model variant of `model` from its configs, without loading any weights."
+    model = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else str(model)
+    family = model_family(_model_index(model, kwargs))
+    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token")}
+    sched = dict(DDIMScheduler.load_config(model, subfolder="scheduler", **hub))
+    den = dict(DiffusionPipeline.load_config(model, subfolder="transformer" if family in ("sd3", "flux") else "unet", **hub))
+    return model_variant(family, sched, den)
 
 # %% ../nbs/00_components.ipynb #4702227e
 _BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3"}

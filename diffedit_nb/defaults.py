@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_defaults.ipynb #2b96dc3d
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, asdict
 from numbers import Integral, Real
 from pathlib import Path
-import os, stat, secrets
+import os, stat, secrets, json
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'DEFAULTS', 'Defaults', 'Knobs', 'check_mask_args',
-           'check_denoise_args', 'check_knobs', 'write_atomic']
+__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'DEFAULTS', 'Defaults', 'KNOBS', 'DEFAULT', 'FAMILY_DEFAULTS',
+           'VARIANTS', 'KNOBS_FILE', 'Knobs', 'check_mask_args', 'check_denoise_args', 'check_knobs', 'model_variant',
+           'read_knobs_file', 'ResolvedKnobs', 'resolve_knobs', 'write_atomic']
 
 # %% ../nbs/00_defaults.ipynb #1f0943ae
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -21,7 +22,7 @@ SPACINGS = ("trailing", "leading", "linspace", "model") # the edit's timestep gr
 
 @dataclass(frozen=True)
 class Knobs:
-    "Every knob of a DiffEdit edit; `Knobs()` are the defaults, `Knobs(start=0.9)` the defaults but one."
+    "Every knob of a DiffEdit edit; `Knobs()` are the generic defaults (Stable Diffusion 1.x's), `Knobs(start=0.9)` the same but one."
     n: int = 10                 # noise draws averaged for the mask
     mask_strength: float = 0.5  # noise level of the mask runs (fraction of the schedule)
     clamp: float|None = None    # clamp the difference map at this many times its mean before normalising (None: no clamp)
@@ -30,16 +31,17 @@ class Knobs:
     fill_holes: bool = True     # fill holes inside the binary mask
     refine: bool = True         # snap the mask to the image's edges (guided filter, `03_mask`)
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
-    start: float = 1.0          # noise level the edit starts from (1 = pure noise, 0.5 = halfway)
-    steps: int = 10             # DDIM steps of the full schedule
+    start: float = 0.8          # noise level the edit starts from (the DiffEdit encoding ratio; 1 = pure noise, 0.5 = halfway)
+    steps: int = 50             # steps of the full schedule
     guidance_scale: float|None = None # guidance towards the query; None: the model's (7.5 classifier-free; Flux-dev's embedded 3.5)
     background: str = "inversion" # how the unmasked latents are kept: "inversion", "renoise" or "uncond"
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
     sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3, Flux: the flow's Euler), "ddim", "dpm++2m" or "euler"
-    spacing: str = "trailing" # the edit's timestep grid: "trailing" (starts at t=999 whatever the steps), "leading", "linspace" or "model"
+    spacing: str = "model"      # the edit's timestep grid: "model" (the model's scheduler config), "trailing" (starts at t=999), "leading" or "linspace"
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
+KNOBS = tuple(f.name for f in fields(Knobs))
 
 # %% ../nbs/00_defaults.ipynb #3a075c52
 def _int_at_least(v, lo): return isinstance(v, Integral) and not isinstance(v, bool) and v >= lo
@@ -86,6 +88,102 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
                     smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine)
     check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
                        sampler=k.sampler, spacing=k.spacing)
+
+# %% ../nbs/00_defaults.ipynb #3ea3a44e
+class _ModelDefault:
+    "The value of a knob that was not given: the model's default, resolved when the model is known (`DiffEdit.defaults`)."
+    _it = None
+    def __new__(cls):
+        if cls._it is None: cls._it = super().__new__(cls)
+        return cls._it
+    def __repr__(self): return "DEFAULT"
+    def __reduce__(self): return (_ModelDefault, ())
+
+DEFAULT = _ModelDefault()
+
+_DIFFEDIT = "diffusers' StableDiffusionDiffEditPipeline"
+_START = (0.8, f"{_DIFFEDIT}: inpaint_strength=0.8 (the DiffEdit encoding ratio)")
+_GRID = ("model", "the model's own scheduler config, as its diffusers pipeline uses it")
+FAMILY_DEFAULTS = {  # variant -> knob -> (value, source); every other knob: the generic `Knobs()`
+    "sd": dict(start=_START, steps=(50, f"{_DIFFEDIT}: num_inference_steps=50 (DDIM, as in the DiffEdit paper)"),
+               guidance_scale=(7.5, f"{_DIFFEDIT}: guidance_scale=7.5"), spacing=_GRID),
+    "sd2": dict(start=_START, steps=(50, f"{_DIFFEDIT}: num_inference_steps=50 (its docs edit with SD 2.1)"),
+                guidance_scale=(7.5, f"{_DIFFEDIT}: guidance_scale=7.5"), spacing=_GRID),
+    "sdxl": dict(start=_START, steps=(50, "StableDiffusionXLPipeline: num_inference_steps=50"),
+                 guidance_scale=(5.0, "StableDiffusionXLPipeline: guidance_scale=5.0"), spacing=_GRID),
+    "sd3": dict(start=_START, steps=(28, "StableDiffusion3Pipeline: num_inference_steps=28"),
+                guidance_scale=(7.0, "StableDiffusion3Pipeline: guidance_scale=7.0"), spacing=_GRID),
+    "sd35-medium": dict(start=_START, steps=(40, "stabilityai/stable-diffusion-3.5-medium model card: 40 steps"),
+                        guidance_scale=(4.5, "stabilityai/stable-diffusion-3.5-medium model card: guidance 4.5"), spacing=_GRID),
+    "sd35-large": dict(start=_START, steps=(28, "stabilityai/stable-diffusion-3.5-large model card: 28 steps"),
+                       guidance_scale=(3.5, "stabilityai/stable-diffusion-3.5-large model card: guidance 3.5"), spacing=_GRID),
+    "flux-dev": dict(start=_START, steps=(28, "FluxPipeline: num_inference_steps=28 (diffusers' Flux guide: about 50)"),
+                     guidance_scale=(3.5, "FluxPipeline / FLUX.1-dev model card: embedded guidance 3.5"), spacing=_GRID),
+    "flux-schnell": dict(start=_START, steps=(4, "FLUX.1-schnell model card: 4 steps"),
+                         guidance_scale=(None, "FLUX.1-schnell model card: guidance 0 (the model takes no guidance input)"), spacing=_GRID),
+}
+VARIANTS = {"sd": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3 (medium)",
+            "sd35-medium": "Stable Diffusion 3.5 medium", "sd35-large": "Stable Diffusion 3.5 large", "flux-dev": "FLUX.1-dev",
+            "flux-schnell": "FLUX.1-schnell"}
+
+def model_variant(family:str, # "sd", "sdxl", "sd3" or "flux" (`components.model_family`)
+                  scheduler:dict|None=None, # the scheduler's config
+                  denoiser:dict|None=None, # the UNet's or transformer's config
+                 )->str: # a key of `FAMILY_DEFAULTS`
+    "The model variant whose published defaults apply, told apart by the configs alone (no weights)."
+    scheduler, denoiser = scheduler or {}, denoiser or {}
+    if family == "sd": return "sd2" if scheduler.get("prediction_type") == "v_prediction" or denoiser.get("cross_attention_dim") == 1024 else "sd"
+    if family == "sd3":
+        if denoiser.get("num_layers", 0) >= 38: return "sd35-large"
+        return "sd35-medium" if denoiser.get("dual_attention_layers") else "sd3"
+    if family == "flux": return "flux-dev" if denoiser.get("guidance_embeds") else "flux-schnell"
+    if family == "sdxl": return "sdxl"
+    raise ValueError(f"family must be one of 'sd', 'sdxl', 'sd3', 'flux'; got {family!r}.")
+
+# %% ../nbs/00_defaults.ipynb #44361e5d
+KNOBS_FILE = "diffedit.json"
+
+def read_knobs_file(path:str|Path, # a `diffedit.json`
+                   )->dict: # knob -> value
+    "The knobs a model folder carries for itself, checked: a ValueError naming the file and the knob."
+    path = Path(path)
+    try: d = json.loads(path.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
+    if not isinstance(d, dict): raise ValueError(f"{path} must hold a JSON object of knob names and values; got a {type(d).__name__}.")
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    for k in d:
+        if k not in KNOBS: raise ValueError(f"{path}: unknown knob {k!r}; the knobs are: {', '.join(KNOBS)}.")
+    try: check_knobs(Knobs(**d))
+    except ValueError as e: raise ValueError(f"{path}: {e}") from None
+    return d
+
+@dataclass(frozen=True)
+class ResolvedKnobs:
+    "The knobs of an edit and where each came from."
+    knobs: Knobs
+    sources: dict # knob -> "given", the folder's file, the family's published source, or "generic"
+    def __repr__(self):
+        w = max(map(len, KNOBS))
+        return "\n".join(f"{k:<{w}} = {getattr(self.knobs, k)!r:<12} # {self.sources[k]}" for k in KNOBS)
+
+def resolve_knobs(given:dict|None=None, # the knobs the caller gave (values other than `DEFAULT`)
+                  folder:dict|None=None, # the model folder's own (`read_knobs_file`)
+                  variant:str|None=None, # a key of `FAMILY_DEFAULTS`
+                  folder_source:str=KNOBS_FILE, # what to call the folder's layer in `sources`
+                 )->ResolvedKnobs:
+    "Each knob from the first layer that has it: given, the folder's, the family's published, the generic default."
+    given = {k: v for k, v in (given or {}).items() if v is not DEFAULT}
+    for k in given:
+        if k not in KNOBS: raise TypeError(f"unknown knob {k!r}; the knobs are: {', '.join(KNOBS)}.")
+    fam = FAMILY_DEFAULTS.get(variant, {}) if variant else {}
+    values, sources = {}, {}
+    for f in fields(Knobs):
+        k = f.name
+        if k in given: values[k], sources[k] = given[k], "given"
+        elif folder and k in folder: values[k], sources[k] = folder[k], folder_source
+        elif k in fam: values[k], sources[k] = fam[k]
+        else: values[k], sources[k] = f.default, "generic (00_defaults)"
+    return ResolvedKnobs(Knobs(**values), sources)
 
 # %% ../nbs/00_defaults.ipynb #51e4d4e7
 def write_atomic(path:str|Path, # the file to write (its folder must exist)

@@ -15,7 +15,7 @@ from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_a
 from .noise import start_index, ddim_invert, flow_invert, model_scheduler, noised
 
 # %% auto #0
-__all__ = ['check_sampler', 'edit_scheduler', 'dpm_invert', 'denoise']
+__all__ = ['check_sampler', 'edit_scheduler', 'dpm_invert', 'invert_latents', 'denoise']
 
 # %% ../nbs/04_denoise.ipynb #474c0d37
 _SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
@@ -63,20 +63,37 @@ def dpm_invert(sd:SDComponents, sched:DPMSolverMultistepScheduler, # the forward
         traj.append(x)
     return traj[::-1]
 
+def invert_latents(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`)
+                   latents:torch.Tensor, # (B, C, h, w) clean image latents
+                   uncond_embeds:torch.Tensor, # (1 or B, 77, d) the empty prompt
+                   start:float=DEFAULTS.start, # the noise level the edit starts from
+                   progress:bool=True)->list:
+    "The inverted trajectory of `latents` on `sched`'s grid down from `start`: `traj[i]` at the edit's i-th timestep, `traj[-1]` = `latents`."
+    sampler = _sampler_name(sched)
+    if sampler == "euler": raise ValueError("Euler on a UNet model cannot be inverted; use sampler='ddim' or 'dpm++2m', or background='renoise'.")
+    s = sched if sampler == "ddim" else copy.deepcopy(sched)
+    invert = {"ddim": ddim_invert, "dpm++2m": dpm_invert, "flow": flow_invert}[sampler]
+    uncond = uncond_embeds.expand(len(latents), *uncond_embeds.shape[1:]) if len(uncond_embeds) == 1 else uncond_embeds
+    return invert(sd, s, latents, uncond, start=start_index(len(s.timesteps), start), progress=progress)
+
+def _rows(e:torch.Tensor, b:int)->torch.Tensor: return e.expand(b, *e.shape[1:]) if len(e) == 1 else e
+
 @torch.no_grad()
 def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`; or `ddim_scheduler`)
-            latents:torch.Tensor, # (1, C, h, w) clean image latents
-            uncond_embeds:torch.Tensor, # (1, 77, d) empty prompt
-            query_embeds:torch.Tensor, # (1, 77, d) query prompt
-            mask:torch.Tensor, # (1, 1, h, w) latent mask: 1 = edit, 0 = keep
+            latents:torch.Tensor, # (B, C, h, w) clean image latents: B edits at once (images, or queries of one image)
+            uncond_embeds:torch.Tensor, # (1 or B, 77, d) empty prompt
+            query_embeds:torch.Tensor, # (1 or B, 77, d) query prompt of each edit
+            mask:torch.Tensor, # (1 or B, 1, h, w) latent mask: 1 = edit, 0 = keep
             start:float=DEFAULTS.start, # noise level to start from (1 = pure noise)
             guidance_scale:float|None=DEFAULTS.guidance_scale, # None: the model's (`sd.default_guidance`); Flux-dev: its embedded guidance
             background:str=DEFAULTS.background, # "inversion", "renoise" or "uncond"
             generator:torch.Generator|None=None, # noise for "renoise" and "uncond"
             callback=None, # called as callback(i, t, latents) after each step
             progress:bool=True,
-            negative_embeds:torch.Tensor|None=None, # (1, 77, d) guidance's negative prompt; None: the empty prompt
-           )->torch.Tensor: # (1, C, h, w) edited latents
+            negative_embeds:torch.Tensor|None=None, # (1 or B, 77, d) guidance's negative prompt; None: the empty prompt
+            traj:list|None=None, # "inversion": the trajectory, if already computed (`invert_latents`, same scheduler and start)
+            noise:torch.Tensor|None=None, # "renoise"/"uncond": the start noise (B, C, h, w); None: drawn from `generator`
+           )->torch.Tensor: # (B, C, h, w) edited latents
     "Masked, query-guided denoising of `latents` from level `start`, with the sampler `sched` is."
     # 1. check inputs; a copy of the scheduler (DPM++ keeps past predictions, DPM++ and Euler a step index)
     sampler = _sampler_name(sched)
@@ -84,6 +101,7 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     if guidance_scale is None: guidance_scale = sd.default_guidance
     cfg = sd.cfg and guidance_scale != 1  # classifier-free: a negative row next to the query's (Flux: guidance is an input)
     s = sched if sampler == "ddim" else copy.deepcopy(sched)
+    B = len(latents)
     # 2. timesteps: the tail of the schedule from the start level
     k = start_index(len(s.timesteps), start)
     if hasattr(s, "set_begin_index"): s.set_begin_index(k)  # then add_noise goes by the step index, not its timestep
@@ -91,30 +109,31 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
     mask = mask.to(latents.dtype)
     # 3. start latent and background latents, in the sampler's own space (Euler's: latents + sigma * noise)
     if background == "inversion":
-        invert = {"ddim": ddim_invert, "dpm++2m": dpm_invert, "flow": flow_invert}[sampler]
-        traj = invert(sd, s, latents, uncond_embeds, start=k, progress=progress)  # traj[i] at ts[i], traj[-1] = latents
+        if traj is None: traj = invert_latents(sd, s, latents, uncond_embeds, start, progress)  # traj[i] at ts[i], traj[-1] = latents
+        if len(traj) != len(ts) + 1: raise ValueError(f"traj has {len(traj)} latents; this edit needs {len(ts) + 1} (one per step, and the clean one).")
         x = traj[0]
     else:
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x = x_bg = noised(s, latents, noise, ts[:1])
-    # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path); Flux: [query] (+ [uncond])
+        if noise is None: noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        x = x_bg = noised(s, latents, noise, ts[:1].expand(B))
+    # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path), B each; Flux: [query] (+ [uncond])
     neg = uncond_embeds if negative_embeds is None else negative_embeds
-    rows = [neg, query_embeds] if cfg else [query_embeds]
-    if background == "uncond": rows.append(uncond_embeds)
+    rows = [_rows(neg, B), _rows(query_embeds, B)] if cfg else [_rows(query_embeds, B)]
+    if background == "uncond": rows.append(_rows(uncond_embeds, B))
     emb = torch.cat(rows)
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):
         inp = torch.cat([x] * (len(rows) - (background == "uncond")) + ([x_bg] if background == "uncond" else []))
         eps = sd.predict(s.scale_model_input(inp, t) if hasattr(s, "scale_model_input") else inp, t, emb, guidance=guidance_scale)
-        eps_edit = eps[:1] + guidance_scale * (eps[1:2] - eps[:1]) if cfg else eps[:1]
+        eps_edit = eps[:B] + guidance_scale * (eps[B:2 * B] - eps[:B]) if cfg else eps[:B]
         if background == "uncond":  # step both paths at once
-            x, x_bg = s.step(torch.cat([eps_edit, eps[-1:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
+            x, x_bg = s.step(torch.cat([eps_edit, eps[-B:]]), t, torch.cat([x, x_bg])).prev_sample.chunk(2)
             bg = x_bg
         else:
             x = s.step(eps_edit, t, x).prev_sample
             if background == "inversion": bg = traj[i + 1]
             elif i + 1 == len(ts): bg = latents  # the last step lands on the clean latent (DPM++/Euler: sigma 0; DDIM: nearly)
-            else: bg = noised(s, latents, noise, ts[i + 1:i + 2])  # the next step's level (DPM++/Euler/flow: by step index)
+            else: bg = noised(s, latents, noise, ts[i + 1:i + 2].expand(B))  # the next step's level (DPM++/Euler/flow: by step index)
         x = torch.lerp(bg, x, mask)  # mask * x + (1 - mask) * bg
         if callback is not None: callback(i, t, x)
     return x
+

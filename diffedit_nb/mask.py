@@ -16,8 +16,8 @@ from .defaults import DEFAULTS, check_mask_args
 from .noise import noise_latents
 
 # %% auto #0
-__all__ = ['mask_map', 'resize_map', 'otsu_threshold', 'refine_mask', 'latent_mask', 'show_thresholds', 'show_blurs', 'snap_mask',
-           'map_separation', 'refine_edges']
+__all__ = ['mask_map', 'finish_map', 'resize_map', 'otsu_threshold', 'refine_mask', 'latent_mask', 'show_thresholds',
+           'show_blurs', 'snap_mask', 'map_separation', 'refine_edges']
 
 # %% ../nbs/03_mask.ipynb #cb4f758d
 @torch.no_grad()
@@ -41,11 +41,18 @@ def mask_map(sd:SDComponents, sched, # DDIM scheduler (sets the timestep grid)
         emb = torch.cat([ref_embeds.expand(b, -1, -1), query_embeds.expand(b, -1, -1)])
         eps_ref, eps_query = sd.predict(torch.cat([x, x]), t, emb).chunk(2)
         diff += (eps_ref - eps_query).float().abs().sum(0)
-    m = (diff / n).mean(0)  # (h, w)
+    return finish_map((diff / n).mean(0), smooth, clamp)
+
+def finish_map(m:torch.Tensor, # (h, w) mean absolute difference of the noise predictions
+               smooth:float=DEFAULTS.smooth, # Gaussian smoothing, sigma in latent pixels; 0: none
+               clamp:float|None=DEFAULTS.clamp, # clamp at this many times the mean; None: no clamping
+              )->torch.Tensor: # (h, w) float32 in [0, 1]
+    "Smooth, clamp and normalise a raw difference map to [0, 1] (all zeros if it is flat)."
     if smooth: m = torch.from_numpy(cv2.GaussianBlur(m.cpu().numpy(), (0, 0), smooth)).to(m.device)
     if clamp is not None: m = m.clamp(max=clamp * m.mean())
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+
 
 # %% ../nbs/03_mask.ipynb #ebef86b5
 def resize_map(a:np.ndarray|torch.Tensor, # (h, w) map

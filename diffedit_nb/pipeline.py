@@ -4,22 +4,28 @@
 
 # %% ../nbs/05_pipeline.ipynb #d836e274
 from __future__ import annotations
-import re, sys, json, warnings
-from dataclasses import dataclass
+import re, sys, json, hashlib, warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 import numpy as np
+import cv2
+from tqdm.auto import tqdm
 import torch
 from PIL import Image
-from .defaults import DEFAULTS, DEFAULT_MODEL, Knobs, check_knobs
+from .defaults import DEFAULTS, DEFAULT, DEFAULT_MODEL, KNOBS, KNOBS_FILE, Knobs, ResolvedKnobs, check_knobs, read_knobs_file, resolve_knobs
 from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path
 from .encode import load_image, model_size, encode, decode, show_images
 from .embeddings import embed_prompts
-from .noise import ddim_scheduler, model_scheduler, make_generator
-from .mask import mask_map, resize_map, refine_mask, latent_mask
-from .denoise import denoise, edit_scheduler, check_sampler
+from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
+from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation
+from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
+from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['MaskResult', 'EditResult', 'composite', 'DiffEdit']
+__all__ = ['CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'DiffEdit', 'Prepared', 'load_mask',
+           'mask_confidence', 'sd_predict_rows']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -27,6 +33,8 @@ class MaskResult:
     "The DiffEdit mask of an image, at the input's size."
     mask: Image.Image      # mode "L", 255 = edited region, 0 = untouched
     mask_map: np.ndarray   # float32 (H, W) in [0, 1]: the normalised difference map
+    confidence: float|None = None # how clearly the map shows one region to edit, in [0, 1] (None: the mask was given)
+    knobs: Knobs|None = None # every knob it was made with (the model's defaults resolved): `de(image, ref, query, **asdict(res.knobs))` remakes it
 
 @dataclass
 class EditResult(MaskResult):
@@ -77,17 +85,38 @@ def _load_vocabulary(model)->dict|None:
     f = Path(str(model)).expanduser()/"vocabulary.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
+def _load_knobs(model)->tuple:
+    "The knobs a model folder carries for itself (`diffedit.json`, checked) and the file's path; ({}, '') if it has none."
+    f = Path(str(model)).expanduser()/KNOBS_FILE
+    return (read_knobs_file(f), str(f)) if f.is_file() else ({}, KNOBS_FILE)
+
 class DiffEdit:
     "DiffEdit: mask where `ref` and `query` disagree, then repaint only there."
     def __init__(self, sd:SDComponents,
                  vocabulary:dict|None=None, # category -> words the model knows; prompts with other words get a warning
                  resolution:int|None=None, # image side to work at (None: the model's, 512 for SD 1.5, 1024 for SDXL)
+                 knobs:dict|None=None, # the model's own defaults (a folder's `diffedit.json`), over its family's published ones
+                 knobs_source:str=KNOBS_FILE, # where `knobs` came from, as `defaults` reports it
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
         _check_denoiser(sd)
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
+        self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
+        self.model_knobs, self.knobs_source = dict(knobs or {}), knobs_source
+        resolve_knobs(folder=self.model_knobs)  # a bad knob name fails here, not at the first edit
+        check_knobs(self.defaults.knobs)
+
+    @property
+    def defaults(self)->ResolvedKnobs:
+        "The knobs an edit uses when none is given, and where each comes from: the model folder's, its family's published settings, the generic ones."
+        return resolve_knobs(folder=self.model_knobs, variant=self.sd.variant, folder_source=self.knobs_source)
+
+    def knobs(self, **given)->Knobs:
+        "The knobs of an edit: `given` over the model's defaults (`defaults`); `DEFAULT` values count as not given."
+        k = resolve_knobs(given, self.model_knobs, self.sd.variant, self.knobs_source).knobs
+        return Knobs(**{**k.__dict__, "sampler": None}) if self.sd.flow and k.sampler == "euler" else k  # a flow's sampler is Euler
 
     @classmethod
     def from_pretrained(cls, model:str|Path=DEFAULT_MODEL, # hub id, local diffusers folder, or "shapes"
@@ -96,7 +125,8 @@ class DiffEdit:
                         **kwargs):
         "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5)."
         model = _resolve_model(model)
-        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution)
+        knobs, source = _load_knobs(model)
+        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution, knobs, source)
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None):
@@ -110,10 +140,15 @@ class DiffEdit:
         if family == "flux": extra.update(transformer=get("transformer"), max_sequence_length=512 if pipe.transformer.config.guidance_embeds else 256)
         return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, get("unet"), pipe.scheduler, **extra), resolution=resolution)
 
+    def clear_cache(self):
+        "Forget the cached encodings, inversions and reference rows (e.g. after changing a component's weights)."
+        for c in (self._latents, self._inversions, self._ref_rows): c.clear()
+        self._embeds.clear()
+
     def embeds(self, *prompts:str)->torch.Tensor:
-        "Embeddings of `prompts`, computed once per prompt and cached."
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._embeds]
-        if todo: self._embeds.update(zip(todo, embed_prompts(self.sd, todo)[:, None]))
+        "Embeddings of `prompts`, computed once per prompt (each alone: its value never depends on what it was batched with) and cached."
+        for p in dict.fromkeys(prompts):
+            if p not in self._embeds: self._embeds[p] = embed_prompts(self.sd, [p])
         return torch.cat([self._embeds[p] for p in prompts])
 
 # %% ../nbs/05_pipeline.ipynb #42e75ca2
@@ -133,117 +168,324 @@ def _check_vocabulary(vocabulary:dict|None, **prompts):
         warnings.warn(f"This model knows only these words ({knows}). Unknown to it: {said}; the edit will not follow them.", stacklevel=3)
 
 # %% ../nbs/05_pipeline.ipynb #1e234c8d
-def _prepare(self:DiffEdit, image):
-    "Load the image and encode it once: (original, working size, latents)."
+CACHE_IMAGES = 8 # images a DiffEdit keeps encoded, inverted and with their mask's reference rows; the least recently used goes first
+
+class Prepared(NamedTuple):
+    "An input image, loaded and encoded once."
+    original: Image.Image # RGB, at the input's size
+    size: tuple # (width, height) the model works at
+    latents: torch.Tensor # (1, C, h, w)
+    key: str # the image's fingerprint: its pixels' SHA-256, its size and the working size
+
+def _cached(cache:OrderedDict, key, make, limit:int=CACHE_IMAGES):
+    "`cache[key]`, made by `make()` if absent; least recently used entries beyond `limit` are dropped."
+    if key in cache: cache.move_to_end(key); return cache[key]
+    v = cache[key] = make()
+    while len(cache) > limit: cache.popitem(last=False)
+    return v
+
+def _prepare(self:DiffEdit, image)->Prepared:
+    "Load the image and encode it, once per image (cached on its pixels)."
     original = load_image(image)
     size = model_size(original.size, self.resolution, self.sd.multiple)
-    return original, size, encode(self.sd, original, size)
+    key = f"{hashlib.sha256(original.tobytes()).hexdigest()[:32]}-{original.size}-{size}"
+    return Prepared(original, size, _cached(self._latents, key, lambda: encode(self.sd, original, size)), key)
 
 def _mask_size(self:DiffEdit, size:tuple)->tuple:
     "The size the mask is made at: the input's, or about twice the model's resolution for a larger input."
     r = 2 * self.resolution
     return tuple(size) if size[0] * size[1] <= r * r else model_size(size, r, 1)
 
-def _mask_step(self:DiffEdit, original, latents, ref, query, sched, k:Knobs, generator, batch_size=None, progress=True):
-    "The map at latent size (h, w), and the blending weight alpha at `_mask_size`, snapped to the image's edges."
-    _, e_ref, e_query = self.embeds("", ref, query)[:, None]
-    m = mask_map(self.sd, sched, latents, e_ref, e_query, n=k.n, level=k.mask_strength, clamp=k.clamp, smooth=k.smooth,
-                 batch_size=batch_size, generator=generator, progress=progress)
-    size = self._mask_size(original.size)
-    img = original if size == original.size else original.resize(size, Image.Resampling.LANCZOS)
-    return m, refine_mask(resize_map(m, size), k.threshold, k.fill_holes, k.blur,
-                          image=np.asarray(img) if k.refine else None, cell=size[0] / latents.shape[-1])
+def _mask_image_at(self:DiffEdit, prep:Prepared):
+    "The input resized to the mask's size (uint8 (H, W, 3)) and the image pixels per latent pixel there."
+    size = self._mask_size(prep.original.size)
+    img = prep.original if size == prep.original.size else prep.original.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(img), size[0] / prep.latents.shape[-1]
 
-DiffEdit._prepare, DiffEdit._mask_size, DiffEdit._mask_step = _prepare, _mask_size, _mask_step
+DiffEdit._prepare, DiffEdit._mask_size, DiffEdit._mask_image_at = _prepare, _mask_size, _mask_image_at
+
+
+# %% ../nbs/05_pipeline.ipynb #b3c662a4
+_MASK_ACCEPTED = ("a MaskResult or EditResult, a PIL image (mode L or 1; RGB is read as grey), a numpy array (bool, 0/255 uint8, or floats in [0, 1]) "
+                  "or a path to an image file")
+
+def load_mask(mask, # see `_MASK_ACCEPTED`
+              size:tuple, # (width, height) to bring it to
+             )->np.ndarray: # float32 (height, width) in [0, 1]: 1 = edit, 0 = keep
+    "A user's mask as a blending weight at `size`: binary masks stay binary, soft ones soft."
+    if isinstance(mask, MaskResult): mask = mask.mask
+    if isinstance(mask, (str, Path)):
+        f = Path(mask).expanduser()
+        if not f.is_file(): raise FileNotFoundError(f"No mask file at {str(mask)!r}. A mask is {_MASK_ACCEPTED}.")
+        mask = Image.open(f); mask.load()
+    if isinstance(mask, Image.Image): mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, torch.Tensor): mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray): raise TypeError(f"mask_image must be {_MASK_ACCEPTED}; got {type(mask).__name__}.")
+    a = np.squeeze(mask)
+    if a.ndim == 3 and a.shape[-1] in (3, 4): a = a[..., :3].mean(-1)
+    if a.ndim != 2 or a.size == 0: raise ValueError(f"A mask must be 2-D (height, width); got an array of shape {mask.shape}.")
+    if a.dtype == bool: soft = False; a = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.integer):
+        if a.min() < 0 or a.max() > 255: raise ValueError(f"An integer mask must hold 0..255 (0 = keep, 255 = edit); got values {a.min()}..{a.max()}.")
+        soft = False; a = (a > (127 if a.max() > 1 else 0)).astype(np.float32)
+    else:
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ValueError(f"A float mask must hold values in [0, 1] (0 = keep, 1 = edit); got {np.nanmin(a):.3g}..{np.nanmax(a):.3g}.")
+        soft = True
+    if a.shape[::-1] != tuple(size):
+        a = cv2.resize(a, tuple(size), interpolation=cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST)
+    return np.clip(a, 0, 1)
+
+# %% ../nbs/05_pipeline.ipynb #998e691f
+CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful (chosen on tuning scenes, `07_bench`)
+
+def mask_confidence(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
+                    mask:np.ndarray, # bool (h, w): the mask on the latent grid
+                   )->float: # in [0, 1]
+    "How clearly the map shows one region to edit: the weakest of its separation, the mask's share of its mass and the draws' agreement."
+    d = draw_maps.float().cpu()
+    m = d.mean(0).numpy()
+    if not mask.any() or mask.all() or m.max() <= m.min(): return 0.
+    m = (m - m.min()) / (m.max() - m.min())
+    sep = map_separation(m, mask) / max(float(m.var()), 1e-12)           # Otsu's eta
+    mass = float(m[mask].sum() / max(m.sum(), 1e-12))                    # the share of the map inside the mask
+    flat = d.reshape(len(d), -1); flat = flat - flat.mean(1, keepdim=True)
+    mean = flat.mean(0); agree = float(((flat @ mean) / (flat.norm(dim=1) * mean.norm() + 1e-12)).mean()) if len(d) > 1 else 1.
+    return float(np.clip(min(sep, mass, agree), 0, 1))
+
+# %% ../nbs/05_pipeline.ipynb #df18e190
+@dataclass
+class _Job:
+    "One image, its reference and its queries, inside one call."
+    prep: Prepared
+    ref: str
+    queries: list
+    gen: torch.Generator
+    given: np.ndarray|None = None # a mask the user gave (blending weight at the mask's size), for every query
+
+def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
+    "Per job, per query: (map (h, w) in [0, 1], draws' raw maps (n, h, w)); the rows of every job in the same UNet calls."
+    slots, ref_keys = [], {}  # slot: (job index, query index or None for the reference, noisy (n, C, h, w), embedding (1, 77, d))
+    cached = {}
+    for j, job in enumerate(jobs):
+        noisy, noise, t = noise_latents(sched, job.prep.latents, k.mask_strength, n=k.n, generator=job.gen)
+        rk = (job.prep.key, job.ref, float(t), hashlib.sha256(noise.float().cpu().numpy().tobytes()).hexdigest())
+        ref_keys[j] = rk
+        if rk in self._ref_rows: self._ref_rows.move_to_end(rk); cached[j] = self._ref_rows[rk]
+        else: slots.append((j, None, noisy, self.embeds(job.ref)))
+        slots += [(j, q, noisy, self.embeds(query)) for q, query in enumerate(job.queries)]
+    bs = batch_size or k.n
+    out = {s[:2]: [] for s in slots}
+    for i in tqdm(range(0, k.n, bs) if slots else (), desc="mask", disable=not progress, leave=False):
+        x = torch.cat([s[2][i:i + bs] for s in slots])
+        e = torch.cat([s[3].expand(len(s[2][i:i + bs]), -1, -1) for s in slots])
+        eps = sd_predict_rows(self.sd, x, t, e, [len(s[2][i:i + bs]) for s in slots])
+        for s, ep in zip(slots, eps): out[s[:2]].append(ep)
+    res = []
+    for j, job in enumerate(jobs):
+        ref = cached[j] if j in cached else _cached(self._ref_rows, ref_keys[j], lambda: torch.cat(out[(j, None)]))
+        per = []
+        for q in range(len(job.queries)):
+            d = (ref - torch.cat(out[(j, q)])).float().abs()  # (n, C, h, w)
+            per.append((finish_map(d.sum(0).div(k.n).mean(0), k.smooth, k.clamp), d.mean(1)))
+        res.append(per)
+    return res
+
+def sd_predict_rows(sd:SDComponents, x, t, e, sizes:list)->list:
+    "One denoiser call over stacked rows, split back into the given group sizes."
+    return list(sd.predict(x, t, e).split(sizes))
+
+def _alpha(self:DiffEdit, prep:Prepared, m:torch.Tensor, k:Knobs)->np.ndarray:
+    "The blending weight at the mask's size from a map: threshold, fill, snap to the image's edges, feather."
+    img, cell = self._mask_image_at(prep)
+    return refine_mask(resize_map(m, img.shape[1::-1]), k.threshold, k.fill_holes, k.blur, image=img if k.refine else None, cell=cell)
+
+def _given_alpha(self:DiffEdit, prep:Prepared, mask, k:Knobs, snap:bool)->np.ndarray:
+    "A user's mask at the mask's size; snapped to the image's edges only when asked (`refine=True` given)."
+    img, cell = self._mask_image_at(prep)
+    a = load_mask(mask, img.shape[1::-1])
+    if snap and 0 < (a > 0.5).mean() < 1: a = refine_edges(img, a, a > 0.5, 0.5, cell)[0].astype(np.float32)
+    return a
+
+def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
+    "Per job, per query: (alpha at the mask's size, map at latent size or None, confidence or None); maps only where no mask was given."
+    todo = [j for j in jobs if j.given is None]
+    maps = iter(self._maps(todo, k, sched, batch_size, progress)) if todo else iter(())
+    res = []
+    for job in jobs:
+        if job.given is not None: res.append([(job.given, None, None)] * len(job.queries)); continue
+        per = []
+        for m, draws in next(maps):
+            alpha = self._alpha(job.prep, m, k)
+            per.append((alpha, m, mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0)))
+        res.append(per)
+    return res
+
+DiffEdit._maps, DiffEdit._alpha, DiffEdit._given_alpha, DiffEdit._masks = _maps, _alpha, _given_alpha, _masks
+
+# %% ../nbs/05_pipeline.ipynb #500e175b
+def _queries(query)->list:
+    "`query` as a list of prompts (one prompt, or several)."
+    qs = [query] if isinstance(query, str) else list(query) if isinstance(query, (list, tuple)) else None
+    if qs is None or not qs or not all(isinstance(q, str) for q in qs):
+        raise TypeError(f"query must be a string or a non-empty list of strings (what the image should become); got {query!r:.60}.")
+    return qs
+
+def _warn_prompts(ref:str, queries:list):
+    "Say what an empty query or one equal to the reference will do."
+    for q in queries:
+        if q.strip() == ref.strip(): warnings.warn(f"query {q!r} is the reference: there is nothing to edit, the image comes back unchanged.", stacklevel=4)
+        elif not q.strip(): warnings.warn("query is empty: the region is repainted with no prompt (to remove an object, use `DiffEdit.remove`).", stacklevel=4)
+
+def _low_confidence(c:float|None, ref:str, query:str):
+    if c is not None and c < CONFIDENCE_WARN:
+        warnings.warn(f"The mask for {ref!r} -> {query!r} is doubtful (confidence {c:.2f} < {CONFIDENCE_WARN}): the map does not show one clear region. "
+                      "Check that `ref` describes what is in the image, or give the mask yourself (`mask_image=`).", stacklevel=4)
 
 def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           ref:str, # what is in the image
-          query:str, # what it should become
-          *, n:int=DEFAULTS.n, # noise draws averaged
-          mask_strength:float=DEFAULTS.mask_strength, # noise level of the draws
-          clamp:float|None=DEFAULTS.clamp, # clamp the map at this many times its mean
-          smooth:float=DEFAULTS.smooth, # Gaussian smoothing of the map (sigma, latent pixels)
-          threshold:float|str=DEFAULTS.threshold, # binarise the normalised map above this ("otsu": automatic)
-          fill_holes:bool=DEFAULTS.fill_holes, # fill holes in the mask
-          refine:bool=DEFAULTS.refine, # snap the mask to the image's edges
-          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
-          steps:int=DEFAULTS.steps, # DDIM schedule length (sets the mask timestep)
+          query:str|list, # what it should become; a list: one mask per query, in the same UNet calls
+          *, n:int=DEFAULT, # noise draws averaged
+          mask_strength:float=DEFAULT, # noise level of the draws
+          clamp:float|None=DEFAULT, # clamp the map at this many times its mean
+          smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels)
+          threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
+          fill_holes:bool=DEFAULT, # fill holes in the mask
+          refine:bool=DEFAULT, # snap the mask to the image's edges
+          blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
+          steps:int=DEFAULT, # schedule length (sets the mask timestep)
           seed:int|None=None, # seed of the noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           batch_size:int|None=None, # noise draws per UNet call; None: all in one
-          progress:bool=True)->MaskResult:
-    "The DiffEdit mask of `image` between `ref` and `query`."
-    _check_prompts(ref, query)
-    k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
-              refine=refine, blur=blur, steps=steps, start=1.)  # start=1: any steps >= 1 will do for a mask
+          progress:bool=True)->MaskResult|list:
+    "The DiffEdit mask of `image` between `ref` and `query` (a list for a list of queries); a knob left at `DEFAULT` is the model's."
+    queries = _queries(query); _check_prompts(ref, queries[0])
+    k = self.knobs(**{k: v for k, v in locals().items() if k in KNOBS})
     check_knobs(k, batch_size)
-    _check_vocabulary(self.vocabulary, ref=ref, query=query)
-    original, size, lat = self._prepare(image)
-    m, alpha = self._mask_step(original, lat, ref, query, model_scheduler(self.sd, steps, lat), k, make_generator(seed, generator),
-                               batch_size, progress)
-    return MaskResult(_mask_image(resize_map(alpha, original.size)), resize_map(m, original.size))
+    _check_vocabulary(self.vocabulary, ref=ref, **{f"query {i + 1}" if len(queries) > 1 else "query": q for i, q in enumerate(queries)})
+    prep = self._prepare(image)
+    job = _Job(prep, ref, queries, make_generator(seed, generator))
+    out = []
+    for q, (alpha, m, conf) in zip(queries, self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)[0]):
+        _low_confidence(conf, ref, q)
+        out.append(MaskResult(_mask_image(resize_map(alpha, prep.original.size)), resize_map(m, prep.original.size), conf, k))
+    return out[0] if isinstance(query, str) else out
 
 DiffEdit.mask = _mask
+
+# %% ../nbs/05_pipeline.ipynb #f1c81e62
+def _trajectory(self:DiffEdit, preps:list, sched, k:Knobs, progress=True)->list:
+    "Each image's inverted trajectory on the edit's grid (cached; the ones missing inverted together, one row each)."
+    key = lambda p: (p.key, type(sched).__name__, k.steps, k.spacing, k.start, str(self.sd.dtype))
+    have = {}
+    for p in preps:
+        if key(p) in self._inversions: self._inversions.move_to_end(key(p)); have[p.key] = self._inversions[key(p)]
+    todo = list({p.key: p for p in preps if p.key not in have}.values())
+    if todo:
+        traj = invert_latents(self.sd, sched, torch.cat([p.latents for p in todo]), self.embeds(""), k.start, progress)
+        for i, p in enumerate(todo): have[p.key] = _cached(self._inversions, key(p), lambda: [x[i:i + 1] for x in traj])
+    return [torch.cat([have[p.key][i] for p in preps]) for i in range(len(have[preps[0].key]))]
+
+def _edit(self:DiffEdit, jobs:list, masks:list, k:Knobs, callback=None, progress=True)->list:
+    "Per job, per query: the edited image at the input's size and the blending weight there (None: nothing to edit)."
+    rows = [(j, q) for j, job in enumerate(jobs) for q in range(len(job.queries)) if masks[j][q][0].any()]
+    out = [[None] * len(job.queries) for job in jobs]
+    if not rows: return out
+    lat0 = jobs[0].prep.latents
+    sched = edit_scheduler(self.sd, k.sampler, k.steps, k.spacing, lat0)
+    lat = torch.cat([jobs[j].prep.latents for j, _ in rows])                      # (B, C, h, w)
+    mask = torch.cat([latent_mask(masks[j][q][0], lat0.shape[-2:], lat0.device, lat0.dtype) for j, q in rows])
+    e_query = torch.cat([self.embeds(jobs[j].queries[q]) for j, q in rows])
+    e_neg = torch.cat([self.embeds(jobs[j].ref if k.negative_prompt is None else k.negative_prompt) for j, _ in rows])
+    traj = noise = None
+    if k.background == "inversion": traj = self._trajectory([jobs[j].prep for j, _ in rows], sched, k, progress)
+    else:  # the same start noise as a call of one query: one draw per image, after the mask's
+        drawn = {j: randn_tensor(jobs[j].prep.latents.shape, generator=jobs[j].gen, device=lat0.device, dtype=lat0.dtype) for j in dict.fromkeys(j for j, _ in rows)}
+        noise = torch.cat([drawn[j] for j, _ in rows])
+    edited = denoise(self.sd, sched, lat, self.embeds(""), e_query, mask, start=k.start, guidance_scale=k.guidance_scale,
+                     background=k.background, generator=None, callback=callback, progress=progress, negative_embeds=e_neg,
+                     traj=traj, noise=noise)
+    for (j, q), im in zip(rows, [decode(self.sd, x[None])[0] for x in edited]):  # one by one: the same pixels as an edit alone
+        out[j][q] = composite(jobs[j].prep.original, im, masks[j][q][0])
+    return out
+
+DiffEdit._trajectory, DiffEdit._edit = _trajectory, _edit
 
 # %% ../nbs/05_pipeline.ipynb #20474219
 def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           ref:str, # what is in the image ("strawberries")
-          query:str, # what it should become ("apples")
-          *, n:int=DEFAULTS.n, # noise draws averaged for the mask
-          mask_strength:float=DEFAULTS.mask_strength, # noise level of the mask draws
-          clamp:float|None=DEFAULTS.clamp, # clamp the map at this many times its mean; None: no clamp
-          smooth:float=DEFAULTS.smooth, # Gaussian smoothing of the map (sigma, latent pixels); 0: none
-          threshold:float|str=DEFAULTS.threshold, # binarise the normalised map above this ("otsu": automatic)
-          fill_holes:bool=DEFAULTS.fill_holes, # fill holes in the mask
-          refine:bool=DEFAULTS.refine, # snap the mask to the image's edges
-          blur:int=DEFAULTS.blur, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
-          start:float=DEFAULTS.start, # noise level the edit starts from (0.5 = halfway)
-          steps:int=DEFAULTS.steps, # DDIM steps of the full schedule
-          guidance_scale:float|None=DEFAULTS.guidance_scale, # guidance towards the query; None: the model's (7.5; Flux-dev 3.5, embedded)
-          background:str=DEFAULTS.background, # "inversion" (paper), "renoise" (blog) or "uncond" (repo)
-          negative_prompt:str|None=DEFAULTS.negative_prompt, # guidance's negative prompt; None: the reference
-          sampler:str|None=DEFAULTS.sampler, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
-          spacing:str=DEFAULTS.spacing, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
+          query:str|list, # what it should become ("apples"); a list: one edit per query, batched in every UNet call
+          *, mask_image=None, # a mask to edit with instead of computing one (`load_mask`: MaskResult, PIL image, array or path)
+          n:int=DEFAULT, # noise draws averaged for the mask
+          mask_strength:float=DEFAULT, # noise level of the mask draws
+          clamp:float|None=DEFAULT, # clamp the map at this many times its mean; None: no clamp
+          smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels); 0: none
+          threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
+          fill_holes:bool=DEFAULT, # fill holes in the mask
+          refine:bool=DEFAULT, # snap the mask to the image's edges
+          blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
+          start:float=DEFAULT, # noise level the edit starts from (0.5 = halfway)
+          steps:int=DEFAULT, # DDIM steps of the full schedule
+          guidance_scale:float|None=DEFAULT, # guidance towards the query; None: the model's (7.5; Flux-dev 3.5, embedded)
+          background:str=DEFAULT, # "inversion" (paper), "renoise" (blog) or "uncond" (repo)
+          negative_prompt:str|None=DEFAULT, # guidance's negative prompt; None: the reference
+          sampler:str|None=DEFAULT, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
+          spacing:str=DEFAULT, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           callback=None, # callback(i, t, latents) after each denoising step
           batch_size:int|None=None, # mask noise draws per UNet call; None: all in one
           progress:bool=True, # tqdm progress bars
-         )->EditResult:
-    "Edit `image`: repaint the region where `ref` and `query` disagree, so it shows `query`."
-    # 1. check inputs, before any model work
-    _check_prompts(ref, query)
-    if self.sd.flow and sampler == "euler": sampler = None  # a flow's sampler is Euler, and it inverts
-    if negative_prompt is not None: _check_prompts(negative_prompt, query)
-    k = Knobs(n=n, mask_strength=mask_strength, clamp=clamp, smooth=smooth, threshold=threshold, fill_holes=fill_holes,
-              refine=refine, blur=blur, start=start, steps=steps, guidance_scale=guidance_scale, background=background,
-              negative_prompt=negative_prompt, sampler=sampler, spacing=spacing)
-    check_knobs(k, batch_size); check_sampler(self.sd, sampler)
-    _check_vocabulary(self.vocabulary, ref=ref, query=query, negative_prompt=negative_prompt)
-    if self.sd.family == "flux" and not self.sd.transformer.config.guidance_embeds and guidance_scale is not None:
+         )->EditResult|list:
+    "Edit `image`: repaint the region where `ref` and `query` disagree, so it shows `query`; a knob left at `DEFAULT` is the model's (`DiffEdit.defaults`)."
+    # 1. check inputs, before any model work; the knobs not given are the model's defaults
+    queries = _queries(query); _check_prompts(ref, queries[0])
+    given = {k: v for k, v in locals().items() if k in KNOBS and v is not DEFAULT}
+    k = self.knobs(**given)
+    if k.negative_prompt is not None: _check_prompts(k.negative_prompt, queries[0])
+    check_knobs(k, batch_size); check_sampler(self.sd, k.sampler)
+    _check_vocabulary(self.vocabulary, ref=ref, negative_prompt=k.negative_prompt,
+                      **{f"query {i + 1}" if len(queries) > 1 else "query": q for i, q in enumerate(queries)})
+    _warn_prompts(ref, queries)
+    if self.sd.family == "flux" and not self.sd.transformer.config.guidance_embeds and k.guidance_scale is not None:
         warnings.warn("This Flux model (schnell) takes no guidance: guidance_scale is not used.", stacklevel=2)
-    if not self.sd.cfg and negative_prompt != "":
+    if not self.sd.cfg and k.negative_prompt != "":
         warnings.warn(f"{FAMILIES[self.sd.family]} takes its guidance as an input of the model, not from a negative prompt: "
-                      f"negative_prompt={negative_prompt!r} is not used.", stacklevel=2)
-    g = make_generator(seed, generator)
-    # 2. load and encode the image once: latents (1, C, h, w)
-    original, size, lat = self._prepare(image)
-    sched = model_scheduler(self.sd, steps, lat)  # the mask's grid: the model's own (DDIM as in the paper; SD3, Flux: the flow's)
-    # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`)
-    m, alpha = self._mask_step(original, lat, ref, query, sched, k, g, batch_size, progress)
-    mask_map_in = resize_map(m, original.size)
-    if not alpha.any():  # nothing to edit
-        return EditResult(Image.new("L", original.size, 0), mask_map_in, original.copy())
-    # 4. masked, guided denoising from `start`
-    uncond, e_query, e_neg = self.embeds("", query, ref if negative_prompt is None else negative_prompt)[:, None]
-    edited = denoise(self.sd, edit_scheduler(self.sd, sampler, steps, spacing, lat), lat, uncond, e_query, latent_mask(alpha, lat.shape[-2:], lat.device, lat.dtype),
-                     start=start, guidance_scale=guidance_scale, background=background, generator=g,
-                     callback=callback, progress=progress, negative_embeds=e_neg)
-    # 5. decode and put the edit back at the input's size
-    image_out, a = composite(original, decode(self.sd, edited)[0], alpha)
-    return EditResult(_mask_image(a), mask_map_in, image_out)
+                      f"negative_prompt={k.negative_prompt!r} is not used.", stacklevel=2)
+    # 2. load and encode the image (once per image: cached); a given mask at the mask's size
+    prep = self._prepare(image)
+    job = _Job(prep, ref, queries, make_generator(seed, generator))
+    if mask_image is not None: job.given = self._given_alpha(prep, mask_image, k, snap=given.get("refine", False) is True)
+    # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`); one per query
+    masks = self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)
+    for q, (_, _, conf) in zip(queries, masks[0]): _low_confidence(conf, ref, q)
+    # 4-5. masked, guided denoising from `start` (all queries in the same calls), decoded and put back at the input's size
+    edits = self._edit([job], masks, k, callback, progress)[0]
+    out = [_result(prep, alpha, m, conf, k, e) for (alpha, m, conf), e in zip(masks[0], edits)]
+    return out[0] if isinstance(query, str) else out
+
+def _result(prep:Prepared, alpha, m, conf, k:Knobs, edit)->EditResult:
+    "The result at the input's size: nothing to edit (`edit` None) gives the input back, with an empty mask."
+    size = prep.original.size
+    mm = resize_map(alpha if m is None else m, size)
+    if edit is None: return EditResult(Image.new("L", size, 0), mm, conf, k, prep.original.copy())
+    image_out, a = edit
+    return EditResult(_mask_image(a), mm, conf, k, image_out)
 
 DiffEdit.__call__ = _call
+
+def _invert(self:DiffEdit, image, # path, URL, PIL image or bytes
+            *, start:float=DEFAULT, steps:int=DEFAULT, sampler:str|None=DEFAULT, spacing:str=DEFAULT, # the edit's grid (the model's defaults)
+            progress:bool=True)->list:
+    "The inverted trajectory of `image` the edit keeps its background on (`traj[0]`: the start latent, `traj[-1]`: the image's); cached for later edits."
+    k = self.knobs(start=start, steps=steps, sampler=sampler, spacing=spacing)
+    check_knobs(k); check_sampler(self.sd, k.sampler)
+    prep = self._prepare(image)
+    return self._trajectory([prep], edit_scheduler(self.sd, k.sampler, k.steps, k.spacing, prep.latents), k, progress)
+
+DiffEdit.invert = _invert
+
 
 # %% ../nbs/05_pipeline.ipynb #990851e2
 #| eval: false

@@ -21,11 +21,12 @@ from .components import clip_tokenizer, SD_SCHEDULER_CONFIG
 from .components import shapes_model_path
 
 # %% auto #0
-__all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'PHOTOS', 'TEXTURES', 'PHOTO_OBJECTS', 'background', 'object_mask', 'Scene',
-           'scene', 'make_vae', 'make_text_encoder', 'make_unet', 'render', 'to_x', 'cosine_lr', 'train_vae',
-           'latent_stats', 'train_unet', 'save_model', 'save_train_log', 'load_train_log', 'color_index',
-           'nearest_color', 'object_color', 'iou', 'coverage', 'far_from', 'edit_target', 'edit_report', 'evaluate',
-           'PhotoScene', 'photo_scene', 'degraded_map']
+__all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'BACKGROUNDS', 'PHOTOS', 'TEXTURES', 'PHOTO_OBJECTS', 'EMPTY_CAPTION',
+           'background', 'draw_shape', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder', 'make_unet',
+           'render', 'to_x', 'cosine_lr', 'train_vae', 'latent_stats', 'train_unet', 'save_model', 'save_train_log',
+           'load_train_log', 'color_index', 'nearest_color', 'object_color', 'iou', 'coverage', 'far_from',
+           'edit_target', 'edit_report', 'evaluate', 'PhotoScene', 'photo_scene', 'degraded_map', 'Thing', 'RichScene',
+           'caption_of', 'place_shape', 'rich_scene']
 
 # %% ../nbs/06_shapes.ipynb #354f2f82
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 205, 40)}
@@ -33,28 +34,56 @@ SHAPES = ('circle', 'square', 'triangle')
 SHAPES_MODEL = shapes_model_path()
 
 # %% ../nbs/06_shapes.ipynb #01b6ff7c
+BACKGROUNDS = ('stripes', 'blotches', 'checks', 'plain', 'noise', 'photo')
+
 def background(rng:np.random.Generator, # the scene's random generator
                size:int=64, # side of the square image
+               kind:str|None=None, # one of `BACKGROUNDS`; default: one of the first three, drawn from `rng`
               )->np.ndarray: # uint8 (size, size, 3)
-    "A textured, low-saturation background: a grey level with stripes, blotches or checks, plus pixel noise."
+    "A low-saturation background: a grey level with stripes, blotches, checks, nothing, strong noise or a greyed photo, plus pixel noise."
+    if kind is not None and kind not in BACKGROUNDS: raise ValueError(f"kind must be one of {BACKGROUNDS}, got {kind!r}")
     base = rng.uniform(80, 180) + rng.uniform(-12, 12, 3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    kind = rng.integers(3)
-    if kind == 0:   # stripes at a random angle and period
+    k = int(rng.integers(3)) if kind is None else BACKGROUNDS.index(kind)
+    sigma = None
+    if k == 0:   # stripes at a random angle and period
         a = rng.uniform(0, np.pi); period = rng.uniform(4, 14)
         tex = np.sin(2*np.pi*(xx*np.cos(a) + yy*np.sin(a))/period) * rng.uniform(12, 35)
-    elif kind == 1: # smooth blotchy noise
+    elif k == 1: # smooth blotchy noise
         g = rng.integers(3, 9)
         small = rng.normal(0, 1, (g, g)).astype(np.float32)
         tex = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC)) * rng.uniform(12, 30)
-    else:           # checks
+    elif k == 2: # checks
         p = rng.integers(4, 12)
         tex = (((xx//p + yy//p) % 2)*2 - 1) * rng.uniform(8, 25)
+    elif k == 3: # plain: one grey, faint noise
+        tex, sigma = np.zeros_like(xx), rng.uniform(1, 4)
+    elif k == 4: # strong pixel noise, no texture
+        tex, sigma = np.zeros_like(xx), rng.uniform(10, 25)
+    else:        # a photo crop of scikit-image's bundled photos, greyed
+        ph = _crop(_photo(PHOTOS[rng.integers(len(PHOTOS))]), rng, size).astype(np.float32)
+        ph = ph.mean(-1) if ph.ndim == 3 else ph
+        tex = (ph - ph.mean()) * rng.uniform(0.3, 0.6)
     tex = tex[..., None] * (1 + rng.uniform(-0.1, 0.1, 3))
-    img = base + tex + rng.normal(0, rng.uniform(2, 10), (size, size, 3))
+    img = base + tex + rng.normal(0, rng.uniform(2, 10) if sigma is None else sigma, (size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 # %% ../nbs/06_shapes.ipynb #a2d93e00
+def draw_shape(shape:str, # one of `SHAPES`
+               x0:int, y0:int, # top-left corner of its bounding box
+               s:int, # side of its bounding box
+               size:int=64, # side of the square image
+              )->np.ndarray: # bool (size, size)
+    "The exact pixels of `shape` in the box at (`x0`, `y0`) of side `s` (PIL's `ImageDraw`, no anti-aliasing)."
+    if shape not in SHAPES: raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    m = Image.new('L', (size, size), 0)
+    d = ImageDraw.Draw(m)
+    box = [x0, y0, x0 + s - 1, y0 + s - 1]
+    if shape == 'circle': d.ellipse(box, fill=255)
+    elif shape == 'square': d.rectangle(box, fill=255)
+    else: d.polygon([(x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1), (x0 + (s - 1)/2, y0)], fill=255)
+    return np.asarray(m) > 0
+
 def object_mask(shape:str, # one of `SHAPES`
                 rng:np.random.Generator, # the scene's random generator (draws size and position)
                 size:int=64, # side of the square image
@@ -63,13 +92,7 @@ def object_mask(shape:str, # one of `SHAPES`
     if shape not in SHAPES: raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     s = int(round(rng.uniform(0.35, 0.6) * size))
     x0, y0 = rng.integers(1, size - s, 2)
-    m = Image.new('L', (size, size), 0)
-    d = ImageDraw.Draw(m)
-    box = [x0, y0, x0 + s - 1, y0 + s - 1]
-    if shape == 'circle': d.ellipse(box, fill=255)
-    elif shape == 'square': d.rectangle(box, fill=255)
-    else: d.polygon([(x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1), (x0 + (s - 1)/2, y0)], fill=255)
-    return np.asarray(m) > 0
+    return draw_shape(shape, x0, y0, s, size)
 
 # %% ../nbs/06_shapes.ipynb #aa3d7984
 @dataclass
@@ -392,3 +415,66 @@ def degraded_map(alpha:np.ndarray, # (H, W) true alpha (or mask)
     if noise: m = m + rng.normal(0, noise, m.shape).astype(np.float32)
     m = (m - m.min()) / max(m.max() - m.min(), 1e-6)
     return np.clip(cv2.resize(m, (W, H), interpolation=cv2.INTER_LINEAR), 0, 1)
+
+# %% ../nbs/06_shapes.ipynb #615c5382
+EMPTY_CAPTION = 'an empty background'
+_FILL = dict(square=1.0, circle=math.pi / 4, triangle=0.5)  # the share of its bounding box each shape covers
+
+@dataclass
+class Thing:
+    "One object of a scene: its colour, its shape and its exact pixels."
+    color: str
+    shape: str
+    mask: np.ndarray # bool (size, size)
+    @property
+    def caption(self)->str: return f'a {self.color} {self.shape}'
+
+@dataclass
+class RichScene(Scene):
+    "A `Scene` with zero, one or two objects (`things`, in caption order); `mask` is all of them, `color`/`shape` the first's."
+    things: list = None
+    kind: str = '' # the background's kind, one of `BACKGROUNDS`
+
+def caption_of(things:list)->str:
+    "The caption of a scene holding `things`: 'a red circle and a green square', or `EMPTY_CAPTION`."
+    return ' and '.join(t.caption for t in things) if things else EMPTY_CAPTION
+
+def place_shape(shape:str, # one of `SHAPES`
+                rng:np.random.Generator,
+                size:int, # side of the square image
+                area:float, # the share of the image it covers (about: pixels are whole)
+                avoid:np.ndarray|None=None, # bool (size, size): stay 2 px away from these pixels
+                tries:int=50,
+               )->np.ndarray|None: # bool (size, size), or None if it did not fit
+    "`shape` covering about `area` of the image at a random place fully inside it, away from `avoid`."
+    s = int(round(min(size - 2, max(4, math.sqrt(area / _FILL[shape]) * size))))
+    near = None if avoid is None else binary_dilation(avoid, iterations=2)
+    for _ in range(tries):
+        x0, y0 = rng.integers(1, size - s, 2) if size - s > 1 else (1, 1)
+        m = draw_shape(shape, x0, y0, s, size)
+        if near is None or not (near & m).any(): return m
+    return None
+
+def rich_scene(seed:int, # seed of numpy's `default_rng`; the same seed (and arguments) gives the same scene
+               n:int|None=None, # number of objects, 0, 1 or 2; default: drawn (15 %, 60 %, 25 %)
+               area:float|tuple|None=None, # each object's share of the image, or a (low, high) range; default 0.04-0.5 (one), 0.04-0.22 (two)
+               kind:str|None=None, # the background, one of `BACKGROUNDS`; default: drawn
+               size:int=64, # side of the square image
+              )->RichScene:
+    "A random scene of zero, one or two coloured shapes (distinct colours, not touching) on any background."
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice(3, p=[0.15, 0.6, 0.25])) if n is None else n
+    if n not in (0, 1, 2): raise ValueError(f"n must be 0, 1 or 2 objects, got {n!r}")
+    kind = BACKGROUNDS[rng.choice(len(BACKGROUNDS), p=[0.2, 0.2, 0.2, 0.15, 0.15, 0.1])] if kind is None else kind
+    img = background(rng, size, kind)
+    lo, hi = (0.04, 0.5 if n == 1 else 0.22) if area is None else (area, area) if np.isscalar(area) else area
+    names, things, taken = list(COLORS), [], np.zeros((size, size), bool)
+    for c in rng.permutation(len(COLORS))[:n]:
+        shape, a = SHAPES[rng.integers(len(SHAPES))], rng.uniform(lo, hi)
+        while (m := place_shape(shape, rng, size, a, taken if things else None)) is None: a *= 0.8
+        things.append(Thing(names[c], shape, m)); taken |= m
+        rgb = np.clip(np.array(COLORS[names[c]]) + rng.uniform(-12, 12, 3), 0, 255).astype(np.uint8)
+        img = np.where(m[..., None], rgb, img)
+    things = [things[i] for i in rng.permutation(n)]
+    first = things[0] if things else None
+    return RichScene(Image.fromarray(img), taken, caption_of(things), first and first.color, first and first.shape, things, kind)
