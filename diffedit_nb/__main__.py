@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cli.ipynb #73c05361
 from __future__ import annotations
-import argparse, io, sys, warnings
+import argparse, io, os, sys, warnings
 from pathlib import Path
 from PIL import Image
 from . import __version__
@@ -15,15 +15,25 @@ from .defaults import DEFAULT, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, K
 __all__ = ['CLIError', 'save_image', 'main']
 
 # %% ../nbs/08_cli.ipynb #475cc674
-def _threshold(v): return v if v == "otsu" else float(v)
+def _threshold(v:str):
+    "A threshold argument: 'otsu' or a number (its range is checked with the other knobs)."
+    if v == "otsu": return v
+    try: return float(v)
+    except ValueError: raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'otsu'; got {v!r}") from None
 
 def _parser():
-    p = argparse.ArgumentParser(prog="diffedit", description="DiffEdit: edit IMAGE so that what --ref describes becomes --query.")
+    p = argparse.ArgumentParser(prog="diffedit", description="DiffEdit: edit IMAGE so that what --ref describes becomes --query. "
+        "Several images, a folder or a --manifest edit into the folder -o, in batches; under torchrun or accelerate launch the items are "
+        "split between the processes. Exit codes: 0 all edited, 1 some failed, 130 interrupted (run again to resume).")
     p.add_argument("--version", action="version", version=f"diffedit_nb {__version__}")
-    p.add_argument("image", nargs="?", help="input image: path or http(s) URL")
+    p.add_argument("image", nargs="*", help="input image(s): paths, http(s) URLs or folders of images")
     p.add_argument("--ref", help="what is in the image, e.g. 'a bowl of strawberries' (required)")
     p.add_argument("--query", help="what it should become, e.g. 'a bowl of apples' (required)")
-    p.add_argument("-o", "--out", help="output image path (.png, .jpg, .webp, ...) (required)")
+    p.add_argument("-o", "--out", help="output image path (.png, .jpg, .webp, ...); a folder for several inputs, a folder or a manifest (required)")
+    p.add_argument("--manifest", help="a .csv (with a header) or .jsonl file of items: image, ref, query, and optionally out, seed, mask_image, name, knobs")
+    p.add_argument("--report", help="write one JSON line per item here (status, output, mask area, confidence, seconds, knobs)")
+    p.add_argument("--batch-size", type=int, default=8, help="edits per batch, sharing every UNet call (default 8)")
+    p.add_argument("--masks", action="store_true", help="with an output folder: also save each mask as <name>_mask.png")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
                    f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3'); default {DEFAULT_MODEL}")
@@ -91,12 +101,77 @@ def _show_defaults(model:str)->str:
     knobs, source = _load_knobs(m)
     return f"{model}: {VARIANTS[variant]} ({variant})\n{resolve_knobs(folder=knobs, variant=variant, folder_source=source)}"
 
+def _images_in(paths:list)->list:
+    "The input images: files and URLs as given, a folder's images (sorted by name)."
+    exts = set(Image.registered_extensions())
+    out = []
+    for x in paths:
+        px = Path(x).expanduser()
+        if px.is_dir(): out += sorted(str(f) for f in px.iterdir() if f.is_file() and f.suffix.lower() in exts)
+        else: _check_input(x); out.append(x)
+    if not out: raise CLIError(f"no images in {', '.join(map(repr, paths))} (looked for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp'}))}, ...)")
+    return out
+
+def _is_batch(a)->bool:
+    "Several inputs, a folder, a manifest, or an output folder: edit into a folder."
+    return bool(a.manifest) or len(a.image) > 1 or any(Path(x).expanduser().is_dir() for x in a.image) or \
+           a.out.endswith(("/", os.sep)) or Path(a.out).is_dir()
+
+def _check_prompts(ref:str, query:str):
+    if not query.strip(): raise CLIError("--query is empty: say what the region should become (to remove an object: --remove)")
+    if ref is not None and query.strip() == ref.strip(): raise CLIError(f"--query is the same as --ref ({query!r}): there is nothing to edit")
+
+def _load(a, device=None):
+    from diffedit_nb.pipeline import DiffEdit  # the model libraries: seconds to import
+    return DiffEdit.from_pretrained(a.model, device=a.device or device, dtype=a.dtype, resolution=a.resolution, **({"vae": a.vae} if a.vae else {}))
+
+def _main_batch(a, given:dict)->int:
+    "Edit several inputs, a folder or a manifest into the folder `a.out`."
+    out = Path(a.out)
+    if out.exists() and not out.is_dir(): raise CLIError(f"-o {a.out!r} is a file; with several inputs or a manifest, -o is a folder")
+    if not out.parent.exists(): raise CLIError(f"the folder of {a.out!r} does not exist")
+    if a.mask_out: raise CLIError("--mask-out names one file; with an output folder use --masks")
+    if a.batch_size < 1: raise CLIError(f"--batch-size must be >= 1; got {a.batch_size}")
+    if a.manifest:
+        if a.image: raise CLIError("give the images in the manifest or on the command line, not both")
+        from diffedit_nb.batch import read_manifest
+        items = read_manifest(a.manifest)
+        for r in items:
+            r.setdefault("ref", a.ref); r.setdefault("query", a.query); r.pop("_line", None)
+            if r.get("seed") is not None: r["seed"] = int(r["seed"])
+    else:
+        if a.ref is None or a.query is None: raise CLIError("--ref and --query are required (or a --manifest with ref and query columns)")
+        _check_prompts(a.ref, a.query)
+        items = [dict(image=x, ref=a.ref, query=a.query) for x in _images_in(a.image)]
+    from diffedit_nb.batch import run_items, process_state, as_item, plan_outputs
+    plan_outputs([as_item(x, i) for i, x in enumerate(items)], out)  # names and formats checked before the model loads
+    state = process_state()
+    main_proc = state is None or state.is_main_process
+    de = _load(a, None if state is None else state.device)
+    from tqdm.auto import tqdm
+    say = lambda msg: tqdm.write(msg, file=sys.stderr)
+    def on_item(row):
+        if row["status"] == "failed": say(f"diffedit: failed: {row['name']}: {row['error']}")
+        for w in row.get("warnings") or []: say(f"diffedit: warning: {row['name']}: {w}")
+    try:
+        rows = run_items(de, items, out, force=a.force, report=a.report, batch_size=a.batch_size, seed=a.seed, masks=a.masks,
+                         progress=not a.quiet and main_proc, state=state, on_item=on_item, **given)
+    except KeyboardInterrupt:
+        print(f"diffedit: interrupted; finished outputs are in {str(out)!r} (no partial files): run the same command again to resume", file=sys.stderr)
+        return 130
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    if main_proc and not a.quiet:
+        print(f"diffedit: {counts['ok']} edited, {counts['skipped']} skipped (output exists; --force redoes them), {counts['failed']} failed -> {out}"
+              + (f"; report: {a.report}" if a.report else ""))
+    return 1 if counts["failed"] else 0
+
 def main(argv:list|None=None)->int:
     "The `diffedit` command."
     p = _parser()
     a = p.parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
     if not a.show_defaults:
-        missing = [name for name, v in (("IMAGE", a.image), ("--ref", a.ref), ("--query", a.query), ("-o/--out", a.out)) if v is None]
+        missing = [name for name, v in (("IMAGE (or --manifest)", a.image or a.manifest), ("-o/--out", a.out)) if not v]
+        if not a.manifest: missing += [name for name, v in (("--ref", a.ref), ("--query", a.query)) if v is None]
         if missing: p.error(f"the following arguments are required: {', '.join(missing)}")
     given = {k: getattr(a, k) for k in KNOBS if getattr(a, k, DEFAULT) is not DEFAULT}
     try:
@@ -104,26 +179,33 @@ def main(argv:list|None=None)->int:
         pre = Knobs(**given)
         check_knobs(replace(pre, sampler=None) if pre.sampler == "euler" else pre)  # Euler + inversion: fine on a flow model, checked once it is loaded
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
-        _check_input(a.image)
+        if _is_batch(a): return _main_batch(a, given)
+        image_arg = a.image[0]
+        _check_prompts(a.ref, a.query)
+        _check_input(image_arg)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
         if a.mask_out and Path(a.mask_out).absolute() == Path(a.out).absolute(): raise CLIError("-o and --mask-out are the same file")
-        for o in outs: _check_out(o, a.image, a.force)
+        for o in outs: _check_out(o, image_arg, a.force)
         from diffedit_nb.encode import load_image  # the model libraries: seconds to import
-        from diffedit_nb.pipeline import DiffEdit
-        image = load_image(a.image)
+        image = load_image(image_arg)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
-            de = DiffEdit.from_pretrained(a.model, device=a.device, dtype=a.dtype, resolution=a.resolution,
-                                          **({"vae": a.vae} if a.vae else {}))
+            de = _load(a)
             res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **given)
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)
+    except KeyboardInterrupt:  # nothing half-written: outputs are written atomically
+        print("diffedit: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except Exception as e:  # one line, no traceback; the message names the input and what is accepted
         print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
         return 1
-    if not a.quiet: print(f"diffedit: wrote {a.out}" + (f" and {a.mask_out}" if a.mask_out else ""))
+    if not a.quiet:
+        from tqdm.auto import tqdm
+        tqdm.write(f"diffedit: wrote {a.out}" + (f" and {a.mask_out}" if a.mask_out else ""), file=sys.stdout)  # on its own line, below any bar
     return 0
+
 
 # %% ../nbs/08_cli.ipynb #7338342f
 #| eval: false

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pipeline.ipynb #d836e274
 from __future__ import annotations
-import re, sys, json, hashlib, warnings
+import re, sys, json, hashlib, difflib, warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,8 +24,8 @@ from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'DiffEdit', 'Prepared', 'load_mask',
-           'mask_confidence', 'sd_predict_rows']
+__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'CONFIDENCE_CUTS', 'MaskResult', 'EditResult', 'composite', 'DiffEdit',
+           'Prepared', 'load_mask', 'confidence_signs', 'mask_confidence', 'sd_predict_rows']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -64,9 +64,17 @@ def _mask_image(alpha:np.ndarray)->Image.Image:
     return Image.fromarray(((alpha > 0) * 255).astype(np.uint8), "L")
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
+BUNDLED = ("shapes", "shapes-xl", "shapes-sd3")
+
 def _resolve_model(model):
     "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer)."
-    return {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3")}.get(str(model), model)
+    paths = {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3")}
+    if str(model) in paths: return paths[str(model)]
+    close = difflib.get_close_matches(str(model), BUNDLED, n=1, cutoff=0.75)
+    if close and not Path(str(model)).expanduser().exists():
+        raise ValueError(f"There is no model {str(model)!r}: it is not a folder, and not one of the bundled models ({', '.join(BUNDLED)}). "
+                         f"Did you mean {close[0]!r}?")
+    return model
 
 def _check_denoiser(sd:SDComponents):
     "Refuse what DiffEdit cannot drive right, saying why: a Flux transformer with extra image channels, a cache across calls; warn about Flux in float16."
@@ -238,21 +246,33 @@ def load_mask(mask, # see `_MASK_ACCEPTED`
     return np.clip(a, 0, 1)
 
 # %% ../nbs/05_pipeline.ipynb #998e691f
-CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful (chosen on tuning scenes, `07_bench`)
+CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful
+# per sign: (the value where a mask becomes doubtful, a typical value of a good mask): chosen on the tuning scenes (seeds 500-599;
+# right and wrong references, large objects, photo composites) of the bundled shapes model so that at most 5 % of the masks
+# with IoU > 0.9 warn (`07_bench`); they belong to that model: another model's maps may sit elsewhere
+CONFIDENCE_CUTS = dict(separation=(0.023, 0.469), mass=(0.201, 0.596), agreement=(0.668, 0.923))
+
+def confidence_signs(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
+                     mask:np.ndarray, # bool (h, w): the mask on the latent grid
+                    )->dict:
+    "Three signs of a trustworthy mask, read off the map: separation (Otsu's eta), the mask's share of the map's mass, the draws' agreement."
+    d = draw_maps.float().cpu()
+    m = d.mean(0).numpy()
+    if not mask.any() or mask.all() or m.max() <= m.min(): return dict(separation=0., mass=0., agreement=0.)
+    m = (m - m.min()) / (m.max() - m.min())
+    flat = d.reshape(len(d), -1); flat = flat - flat.mean(1, keepdim=True); mean = flat.mean(0)
+    agree = float(((flat @ mean) / (flat.norm(dim=1) * mean.norm() + 1e-12)).mean()) if len(d) > 1 else 1.
+    return dict(separation=map_separation(m, mask) / max(float(m.var()), 1e-12), mass=float(m[mask].sum() / max(m.sum(), 1e-12)), agreement=agree)
 
 def mask_confidence(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
                     mask:np.ndarray, # bool (h, w): the mask on the latent grid
-                   )->float: # in [0, 1]
-    "How clearly the map shows one region to edit: the weakest of its separation, the mask's share of its mass and the draws' agreement."
-    d = draw_maps.float().cpu()
-    m = d.mean(0).numpy()
-    if not mask.any() or mask.all() or m.max() <= m.min(): return 0.
-    m = (m - m.min()) / (m.max() - m.min())
-    sep = map_separation(m, mask) / max(float(m.var()), 1e-12)           # Otsu's eta
-    mass = float(m[mask].sum() / max(m.sum(), 1e-12))                    # the share of the map inside the mask
-    flat = d.reshape(len(d), -1); flat = flat - flat.mean(1, keepdim=True)
-    mean = flat.mean(0); agree = float(((flat @ mean) / (flat.norm(dim=1) * mean.norm() + 1e-12)).mean()) if len(d) > 1 else 1.
-    return float(np.clip(min(sep, mass, agree), 0, 1))
+                    cuts:dict=CONFIDENCE_CUTS, # sign -> (doubtful below, typical of a good mask)
+                   )->float: # in [0, 1]: 0.5 where the weakest sign reaches its cut, 1 at or past its typical value
+    "How clearly the map shows one region to edit: the weakest of its signs (`confidence_signs`), scaled by `cuts`; 0 for an empty mask."
+    if not mask.any(): return 0.
+    s = confidence_signs(draw_maps, mask)
+    return float(min(np.clip(0.5 + 0.5 * (s[k] - lo) / max(hi - lo, 1e-6), 0, 1) for k, (lo, hi) in cuts.items()))
+
 
 # %% ../nbs/05_pipeline.ipynb #df18e190
 @dataclass
@@ -277,11 +297,13 @@ def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=Tr
         slots += [(j, q, noisy, self.embeds(query)) for q, query in enumerate(job.queries)]
     bs = batch_size or k.n
     out = {s[:2]: [] for s in slots}
-    for i in tqdm(range(0, k.n, bs) if slots else (), desc="mask", disable=not progress, leave=False):
-        x = torch.cat([s[2][i:i + bs] for s in slots])
-        e = torch.cat([s[3].expand(len(s[2][i:i + bs]), -1, -1) for s in slots])
-        eps = sd_predict_rows(self.sd, x, t, e, [len(s[2][i:i + bs]) for s in slots])
-        for s, ep in zip(slots, eps): out[s[:2]].append(ep)
+    # the references' rows in calls of their own, the queries' in theirs: a reference's rows are then the same whether they
+    # come from the cache or not, and so is every map
+    for group in ([s for s in slots if s[1] is None], [s for s in slots if s[1] is not None]):
+        for i in tqdm(range(0, k.n, bs) if group else (), desc="mask", disable=not progress, leave=False):
+            x = torch.cat([s[2][i:i + bs] for s in group])
+            e = torch.cat([s[3].expand(len(s[2][i:i + bs]), -1, -1) for s in group])
+            for s, ep in zip(group, sd_predict_rows(self.sd, x, t, e, [len(s[2][i:i + bs]) for s in group])): out[s[:2]].append(ep)
     res = []
     for j, job in enumerate(jobs):
         ref = cached[j] if j in cached else _cached(self._ref_rows, ref_keys[j], lambda: torch.cat(out[(j, None)]))

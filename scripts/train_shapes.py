@@ -131,7 +131,9 @@ def save(folder):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(); ap.add_argument("cmd", choices=["check", "train", "save"])
     ap.add_argument("folder", nargs="?"); ap.add_argument("--minutes", type=float, default=600)
+    ap.add_argument("--steps", type=int, default=None, help="total steps (the learning-rate schedule's length; default the recipe's)")
     a = ap.parse_args(); HERE.mkdir(parents=True, exist_ok=True)
+    if a.steps: RECIPE["steps"] = a.steps
     if a.cmd == "check": check()
     elif a.cmd == "train": train(a.minutes)
     else: save(a.folder or OUT)
