@@ -35,6 +35,7 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=8, help="edits per batch, sharing every UNet call (default 8)")
     p.add_argument("--masks", action="store_true", help="with an output folder: also save each mask as <name>_mask.png")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
+    p.add_argument("--remove", metavar="TEXT", help="remove what TEXT describes (e.g. 'a red circle'), filling it with what is around it; instead of --ref/--query")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
                    f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3'); default {DEFAULT_MODEL}")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
@@ -57,7 +58,8 @@ def _parser():
     knob("--background", "how the background is kept", choices=BACKGROUNDS)
     knob("--sampler", "the edit's sampler (the model's own: DDIM; SD3, Flux: the flow's Euler)", choices=SAMPLERS)
     knob("--spacing", "the edit's timestep grid ('model': the model's scheduler config)", choices=SPACINGS)
-    knob("--negative-prompt", "negative prompt of the guidance (generic default: the empty prompt)")
+    knob("--negative-prompt", "negative prompt of the guidance (generic default: the empty prompt; --remove: the removed object's)")
+    knob("--removal-prompt", "with --remove: the model's words for an empty scene (the shapes model's: 'an empty background')")
     p.add_argument("--show-defaults", action="store_true", help="print the knobs an edit with --model would use and where each comes from, and exit")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda (Flux: bfloat16), float32 on cpu")
@@ -171,7 +173,8 @@ def main(argv:list|None=None)->int:
     a = p.parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
     if not a.show_defaults:
         missing = [name for name, v in (("IMAGE (or --manifest)", a.image or a.manifest), ("-o/--out", a.out)) if not v]
-        if not a.manifest: missing += [name for name, v in (("--ref", a.ref), ("--query", a.query)) if v is None]
+        if not a.manifest and a.remove is None: missing += [name for name, v in (("--ref", a.ref), ("--query", a.query)) if v is None]
+        if a.remove is not None and (a.ref is not None or a.query is not None): p.error("--remove takes the place of --ref and --query: give one or the other")
         if missing: p.error(f"the following arguments are required: {', '.join(missing)}")
     given = {k: getattr(a, k) for k in KNOBS if getattr(a, k, DEFAULT) is not DEFAULT}
     try:
@@ -179,9 +182,12 @@ def main(argv:list|None=None)->int:
         pre = Knobs(**given)
         check_knobs(replace(pre, sampler=None) if pre.sampler == "euler" else pre)  # Euler + inversion: fine on a flow model, checked once it is loaded
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
-        if _is_batch(a): return _main_batch(a, given)
+        if _is_batch(a):
+            if a.remove is not None: raise CLIError("--remove edits one image (-o FILE); for many, use a manifest with the query set to the model's removal prompt")
+            return _main_batch(a, given)
         image_arg = a.image[0]
-        _check_prompts(a.ref, a.query)
+        if a.remove is None: _check_prompts(a.ref, a.query)
+        elif not a.remove.strip(): raise CLIError("--remove is empty: say what to remove, e.g. 'a red circle'")
         _check_input(image_arg)
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
         if a.mask_out and Path(a.mask_out).absolute() == Path(a.out).absolute(): raise CLIError("-o and --mask-out are the same file")
@@ -191,7 +197,10 @@ def main(argv:list|None=None)->int:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
             de = _load(a)
-            res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **given)
+            if a.remove is None: res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **given)
+            else:
+                import diffedit_nb.remove  # DiffEdit.remove
+                res = de.remove(image, a.remove, seed=a.seed, progress=not a.quiet, **given)
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)

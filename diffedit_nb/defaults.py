@@ -38,6 +38,7 @@ class Knobs:
     negative_prompt: str|None = "" # the guidance's negative prompt ("" = plain classifier-free guidance; None = the reference)
     sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3, Flux: the flow's Euler), "ddim", "dpm++2m" or "euler"
     spacing: str = "model"      # the edit's timestep grid: "model" (the model's scheduler config), "trailing" (starts at t=999), "leading" or "linspace"
+    removal_prompt: str = ""    # what `DiffEdit.remove` edits towards: the model's words for an empty scene ("": the empty prompt)
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
@@ -88,6 +89,7 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
                     smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine)
     check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
                        sampler=k.sampler, spacing=k.spacing)
+    if not isinstance(k.removal_prompt, str): raise ValueError(f"removal_prompt must be a string (the words for an empty scene); got {k.removal_prompt!r}.")
 
 # %% ../nbs/00_defaults.ipynb #3ea3a44e
 class _ModelDefault:

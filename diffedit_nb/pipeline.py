@@ -284,6 +284,7 @@ class _Job:
     gen: torch.Generator
     given: np.ndarray|None = None # a mask the user gave (blending weight at the mask's size), for every query
 
+@torch.no_grad()
 def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
     "Per job, per query: (map (h, w) in [0, 1], draws' raw maps (n, h, w)); the rows of every job in the same UNet calls."
     slots, ref_keys = [], {}  # slot: (job index, query index or None for the reference, noisy (n, C, h, w), embedding (1, 77, d))
@@ -397,6 +398,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
 DiffEdit.mask = _mask
 
 # %% ../nbs/05_pipeline.ipynb #f1c81e62
+@torch.no_grad()
 def _trajectory(self:DiffEdit, preps:list, sched, k:Knobs, progress=True)->list:
     "Each image's inverted trajectory on the edit's grid (cached; the ones missing inverted together, one row each)."
     key = lambda p: (p.key, type(sched).__name__, k.steps, k.spacing, k.start, str(self.sd.dtype))
@@ -409,6 +411,7 @@ def _trajectory(self:DiffEdit, preps:list, sched, k:Knobs, progress=True)->list:
         for i, p in enumerate(todo): have[p.key] = _cached(self._inversions, key(p), lambda: [x[i:i + 1] for x in traj])
     return [torch.cat([have[p.key][i] for p in preps]) for i in range(len(have[preps[0].key]))]
 
+@torch.no_grad()
 def _edit(self:DiffEdit, jobs:list, masks:list, k:Knobs, callback=None, progress=True)->list:
     "Per job, per query: the edited image at the input's size and the blending weight there (None: nothing to edit)."
     rows = [(j, q) for j, job in enumerate(jobs) for q in range(len(job.queries)) if masks[j][q][0].any()]
@@ -454,6 +457,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           negative_prompt:str|None=DEFAULT, # guidance's negative prompt; None: the reference
           sampler:str|None=DEFAULT, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
           spacing:str=DEFAULT, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
+          removal_prompt:str=DEFAULT, # the model's words for an empty scene (`DiffEdit.remove` edits towards them)
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           callback=None, # callback(i, t, latents) after each denoising step
