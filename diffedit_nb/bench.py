@@ -21,7 +21,9 @@ from .shapes import scene, edit_target, COLORS, SHAPES_MODEL, iou, far_from, obj
 __all__ = ['LEDITS_DEFAULTS', 'COLOR_COLS', 'SHAPE_COLS', 'diffusers_pipe', 'run_diffusers', 'run_ours', 'ledits_pipe',
            'ledits_mask', 'run_ledits', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'mask_metrics',
            'painted', 'bg_figures', 'measure', 'shape_edit', 'measure_shape', 'no_edit_shape_iou', 'time_edits',
-           'summarise', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'main']
+           'summarise', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'second_query', 'throughput',
+           'where_time_goes', 'processes', 'batch_memory', 'scene_edits', 'two_object_edits', 'removal_figures',
+           'run_ledits_removal', 'removals', 'mean_rows', 'confidence_cases', 'warn_rates', 'main']
 
 # %% ../nbs/07_bench.ipynb #504246e1
 def diffusers_pipe(sd:SDComponents)->StableDiffusionDiffEditPipeline:
@@ -278,17 +280,210 @@ def print_rows(rows:list):
     print(" | ".join(f"{k:>10}" if i else f"{k:<26}" for i, k in enumerate(keys)))
     for r in rows: print(" | ".join((f"{r[k]:>10.3f}" if isinstance(r[k], float) else f"{r[k]:>10}") if i else f"{r[k]:<26}" for i, k in enumerate(keys)))
 
+# %% ../nbs/07_bench.ipynb #5c7540c2
+def _timed(fn):
+    t0 = time.perf_counter(); r = fn(); return r, time.perf_counter() - t0
+
+def second_query(de:DiffEdit, seeds=range(8))->dict:
+    "Median seconds of a cold call and of a second query on the same image, and their ratio."
+    cold, warm = [], []
+    for s in seeds:
+        sc, q, target = color_edit(s)
+        q2 = f"a {[c for c in COLORS if c not in (sc.color, target)][0]} {sc.shape}"
+        de.clear_cache()
+        cold.append(_timed(lambda: de(sc.image, ref=sc.caption, query=q, seed=s, progress=False))[1])
+        warm.append(_timed(lambda: de(sc.image, ref=sc.caption, query=q2, seed=s, progress=False))[1])
+    c, w = float(np.median(cold)), float(np.median(warm))
+    return dict(cold_s=c, second_query_s=w, speedup=c / w)
+
+def throughput(de:DiffEdit, pipe=None, # diffusers' DiffEdit pipeline, or None
+               seeds=range(32), batch_size:int=8, rounds:int=1)->list:
+    "Images per second and colour right of a loop of single calls, `edit_many`, and a loop of diffusers' DiffEdit, on the same edits."
+    from .batch import item_seed, as_item
+    items = [(sc.image, sc.caption, q) for sc, q, _ in map(color_edit, seeds)]
+    targets = [color_edit(s)[2] for s in seeds]; scs = [color_edit(s)[0] for s in seeds]
+    seeds_ = [item_seed(as_item(it, i)) for i, it in enumerate(items)]
+    def loop():
+        out = []
+        for it, s in zip(items, seeds_): de.clear_cache(); out.append(de(*it, seed=s, progress=False).image)
+        return out
+    def many():
+        de.clear_cache(); return [r.image for r in de.edit_many(items, batch_size=batch_size)]
+    runs = {"ours, a loop of single calls": loop, f"ours, edit_many (batch_size={batch_size})": many}
+    if pipe is not None: runs["diffusers DiffEdit, a loop"] = lambda: [run_diffusers(pipe, im, r, q, s)[0] for (im, r, q), s in zip(items, seeds)]
+    times, ims = {k: [] for k in runs}, {}
+    for _ in range(rounds):
+        for k, fn in runs.items(): ims[k], t = _timed(fn); times[k].append(t)
+    ok = lambda imgs: float(np.mean([nearest_color(object_color(np.asarray(im.convert("RGB")), sc.mask)) == t for im, sc, t in zip(imgs, scs, targets)]))
+    return [dict(method=k, images_per_s=len(items) / float(np.median(times[k])), seconds=float(np.median(times[k])), color_ok=ok(ims[k])) for k in runs]
+
+def where_time_goes(de:DiffEdit, seeds=range(32), batch_size:int=8)->dict:
+    "Seconds of an `edit_many` run in the denoiser's calls, the VAE's (encode and decode), and everything else."
+    spent = {"denoiser": 0., "vae": 0.}
+    def timer(name):
+        t = {}
+        return (lambda m, a: t.__setitem__("t", time.perf_counter())), (lambda m, a, o: spent.__setitem__(name, spent[name] + time.perf_counter() - t["t"]))
+    hooks = []
+    for name, mod in (("denoiser", de.sd.denoiser), ("vae", de.sd.vae.encoder), ("vae", de.sd.vae.decoder)):
+        pre, post = timer(name); hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    items = [(sc.image, sc.caption, q) for sc, q, _ in map(color_edit, seeds)]
+    try: de.clear_cache(); _, total = _timed(lambda: list(de.edit_many(items, batch_size=batch_size)))
+    finally:
+        for h in hooks: h.remove()
+    return dict(total_s=total, denoiser_s=spent["denoiser"], vae_s=spent["vae"], rest_s=total - spent["denoiser"] - spent["vae"])
+
+def processes(model:str="shapes", seeds=range(32), batch_size:int=8)->dict:
+    "Wall seconds of the `diffedit` command on a manifest: one process, and two under torchrun (one thread each, start-up included)."
+    import subprocess, sys, tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d); (d/"in").mkdir(); lines = ["image,ref,query"]
+        for s in seeds:
+            sc, q, _ = color_edit(s); sc.image.save(d/"in"/f"s{s}.png"); lines.append(f"in/s{s}.png,{sc.caption},{q}")
+        (d/"m.csv").write_text("\n".join(lines) + "\n")
+        args = ["-m", "diffedit_nb", "--manifest", str(d/"m.csv"), "--model", model, "--batch-size", str(batch_size), "--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        run = lambda cmd: _timed(lambda: subprocess.run(cmd, capture_output=True, text=True, env=env))
+        one, t1 = run([sys.executable, *args, "-o", str(d/"one")])
+        two, t2 = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "-o", str(d/"two")])
+        if one.returncode or two.returncode: raise RuntimeError(f"the command failed: {one.stderr[-300:]} {two.stderr[-300:]}")
+        same = all(np.array_equal(np.asarray(Image.open(d/"one"/f"s{s}.png")), np.asarray(Image.open(d/"two"/f"s{s}.png"))) for s in seeds)
+    return dict(one_process_s=t1, two_processes_s=t2, speedup=t1 / t2, identical=same)
+
+def batch_memory(model:str="shapes", batch_sizes=(1, 2, 4, 8, 16))->list:
+    "Peak resident memory (MiB) of a process editing one batch, per batch size, over the same process before the batch (CPU)."
+    import subprocess, sys
+    code = ("import resource, sys, warnings; warnings.simplefilter('ignore'); from diffedit_nb.pipeline import DiffEdit; import diffedit_nb.batch; "
+            "from diffedit_nb.bench import color_edit; b = int(sys.argv[1]); de = DiffEdit.from_pretrained(sys.argv[2]); "
+            "items = [(sc.image, sc.caption, q) for sc, q, _ in map(color_edit, range(100, 100 + b))]; list(de.edit_many(items[:1], batch_size=1)); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; list(de.edit_many(items, batch_size=b)); "
+            "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    rows = []
+    for b in batch_sizes:
+        r = subprocess.run([sys.executable, "-c", code, str(b), str(model)], capture_output=True, text=True)
+        base, peak = map(int, r.stdout.split()[-2:])
+        rows.append(dict(batch_size=b, process_peak_mib=peak / 1024, batch_extra_mib=(peak - base) / 1024))
+    return rows
+
+# %% ../nbs/07_bench.ipynb #b54e0eb6
+def _edit_figures(out, mask, sc, obj, target)->dict:
+    "Mask IoU, colour right, painted IoU and an untouched far background of one colour edit of `obj` (bool) in `sc`."
+    o = np.asarray(out.convert("RGB")); far = far_from(sc.mask, 3)
+    return dict(iou=iou(mask, obj), color_ok=float(nearest_color(object_color(o, obj)) == target), painted=iou(painted(o, target), obj),
+                bg_same=float((o[far] == np.asarray(sc.image)[far]).all()))
+
+def scene_edits(de:DiffEdit, seeds=range(60), area=(0.04, 0.5))->list:
+    "Colour edits of one-object `rich_scene`s with objects of `area` of the image: one dict of figures per scene."
+    from .shapes import rich_scene
+    rows = []
+    for s in seeds:
+        sc = rich_scene(s, n=1, area=area); t = [c for c in COLORS if c != sc.color][s % 3]
+        r = de(sc.image, ref=sc.caption, query=f"a {t} {sc.shape}", seed=s, progress=False)
+        rows.append(dict(seed=s, area=float(sc.mask.mean()), confidence=r.confidence, **_edit_figures(r.image, np.asarray(r.mask) > 0, sc, sc.mask, t)))
+    return rows
+
+def two_object_edits(de:DiffEdit, seeds=range(60))->list:
+    "Edit the colour of one object of two-object scenes; is it right, and is the other object's every pixel untouched?"
+    from .shapes import rich_scene
+    rows = []
+    for s in seeds:
+        sc = rich_scene(s, n=2); a, b = sc.things[s % 2], sc.things[1 - s % 2]
+        t = [c for c in COLORS if c not in (a.color, b.color)][s % 2]
+        r = de(sc.image, ref=sc.caption, query=sc.caption.replace(a.caption, f"a {t} {a.shape}"), seed=s, progress=False)
+        o = np.asarray(r.image.convert("RGB"))
+        rows.append(dict(seed=s, **_edit_figures(r.image, np.asarray(r.mask) > 0, sc, a.mask, t),
+                         other_same=float((o[b.mask] == np.asarray(sc.image)[b.mask]).all())))
+    return rows
+
+def removal_figures(out, sc)->dict:
+    "Whether the object's region of `out` is nearer the background's colour than any palette colour, the object's colour left in it, the far background."
+    o, orig = np.asarray(out.convert("RGB")).astype(float), np.asarray(sc.image, float)
+    ring = far_from(sc.mask, 1) & ~far_from(sc.mask, 6)
+    region, bg = o[sc.mask].mean(0), orig[ring].mean(0)
+    far = far_from(sc.mask, 3)
+    return dict(bg_nearer=float(np.linalg.norm(region - bg) < min(np.linalg.norm(region - np.array(c, float)) for c in COLORS.values())),
+                trace=float(painted(o.astype(np.uint8), sc.color)[sc.mask].mean()), bg_same=float((o[far] == orig[far]).all()))
+
+def run_ledits_removal(pipe, image, ref, seed)->Image.Image:
+    "LEDITS++ removing `ref`: its one concept reversed, documented defaults otherwise."
+    unet = pipe.unet; procs = unet.attn_processors
+    side = lambda v: max(32, int(round(v / 32)) * 32)
+    try:
+        g = torch.Generator("cpu").manual_seed(seed)
+        pipe.invert(image=image, source_prompt="", source_guidance_scale=LEDITS_DEFAULTS["source_guidance_scale"],
+                    num_inversion_steps=LEDITS_DEFAULTS["num_inversion_steps"], skip=LEDITS_DEFAULTS["skip"], generator=g,
+                    height=side(image.size[1]), width=side(image.size[0]))
+        out = pipe(editing_prompt=[ref], reverse_editing_direction=[True], edit_guidance_scale=[LEDITS_DEFAULTS["edit_guidance_scale"]],
+                   edit_threshold=[LEDITS_DEFAULTS["edit_threshold"]], generator=g).images[0]
+    finally: unet.set_attn_processor(procs)
+    return out.resize(image.size)
+
+def removals(de:DiffEdit, seeds=range(60), ledits=None, # LEDITS++ (`ledits_pipe`) to measure beside ours, or None
+            )->dict: # method -> list of per-scene figures
+    "Remove the object of one-object `rich_scene`s with `DiffEdit.remove` (and LEDITS++): `removal_figures` per scene."
+    from .shapes import rich_scene
+    from . import remove  # DiffEdit.remove
+    out = {"ours": []} | ({"LEDITS++": []} if ledits is not None else {})
+    for s in seeds:
+        sc = rich_scene(s, n=1)
+        r = de.remove(sc.image, sc.caption, seed=s, progress=False)
+        out["ours"].append(dict(seed=s, iou=iou(np.asarray(r.mask) > 0, sc.mask), **removal_figures(r.image, sc)))
+        if ledits is not None: out["LEDITS++"].append(dict(seed=s, **removal_figures(run_ledits_removal(ledits, sc.image, sc.caption, s), sc)))
+    return out
+
+def mean_rows(rows:list, keys=None)->dict:
+    "The mean of each figure over the scenes (and the lowest mask IoU)."
+    keys = keys or [k for k in rows[0] if k != "seed" and rows[0][k] is not None]
+    m = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    if "iou" in m: m["min_iou"] = float(min(r["iou"] for r in rows))
+    return m
+
+# %% ../nbs/07_bench.ipynb #767ab0e1
+def confidence_cases(de:DiffEdit, seeds=range(30))->list:
+    "Per seed, four masks (right reference, wrong reference, large object, photo composite): kind, IoU, confidence."
+    from .shapes import rich_scene, photo_scene, SHAPES
+    rows = []
+    for s in seeds:
+        sc = scene(s); t = edit_target(sc, s); rng = np.random.default_rng(s)
+        wc = [c for c in COLORS if c != sc.color][rng.integers(3)]; ws = [x for x in SHAPES if x != sc.shape][rng.integers(2)]
+        big = rich_scene(s, n=1, area=(0.25, 0.5)); pc = photo_scene(s)
+        cases = [("right", sc.image, sc.caption, f"a {t} {sc.shape}", sc.mask), ("wrong reference", sc.image, f"a {wc} {ws}", f"a {t} {ws}", sc.mask),
+                 ("large object", big.image, big.caption, f"a {[c for c in COLORS if c != big.color][s % 3]} {big.shape}", big.mask),
+                 ("photo composite", pc.image, pc.caption, f"a {[c for c in COLORS if c != pc.color][s % 3]} {pc.caption.split()[-1]}", pc.mask)]
+        for kind, im, ref, q, truth in cases:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = de.mask(im, ref, q, seed=s, progress=False)
+            rows.append(dict(seed=s, kind=kind, iou=iou(np.asarray(m.mask) > 0, truth), confidence=m.confidence))
+    return rows
+
+def warn_rates(rows:list, warn:float|None=None)->dict:
+    "How often a mask warns (confidence < `warn`, default `CONFIDENCE_WARN`) among the bad (IoU < 0.5) and the good (IoU > 0.9) masks."
+    from .pipeline import CONFIDENCE_WARN
+    warn = CONFIDENCE_WARN if warn is None else warn
+    bad, good = [r for r in rows if r["iou"] < 0.5], [r for r in rows if r["iou"] > 0.9]
+    rate = lambda rs: float(np.mean([r["confidence"] < warn for r in rs])) if rs else float("nan")
+    return dict(masks=len(rows), bad=len(bad), warned_bad=rate(bad), good=len(good), warned_good=rate(good))
+
 # %% ../nbs/07_bench.ipynb #d11d37ae
 def main(argv=None):
-    "The `diffedit-bench` command: the comparison tables on the shapes model."
+    "The `diffedit-bench` command: the comparison tables on the shapes model (`--workflow`: the workflow's speed)."
     p = argparse.ArgumentParser(prog="diffedit-bench", description="diffusers' DiffEdit and LEDITS++ vs diffedit_nb on the bundled shapes model")
     p.add_argument("--scenes", type=int, default=20, help="held-out scenes, seeds 0 to N-1 (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
     p.add_argument("--model", default=str(SHAPES_MODEL), help="model folder or 'shapes', 'shapes-xl', 'shapes-sd3' (default: the bundled shapes model); "
                    "diffusers' pipelines run beside ours on SD 1.x/2.x models only")
     p.add_argument("--device", default=None)
+    p.add_argument("--workflow", action="store_true", help="instead: a second query, edit_many against loops, two processes, memory per batch size")
     a = p.parse_args(argv)
     de = DiffEdit.from_pretrained(a.model, device=a.device)
+    if a.workflow:
+        pipe = diffusers_pipe(de.sd) if de.sd.family == "sd" else None
+        print("a second query on the same image:", {k: round(v, 3) for k, v in second_query(de).items()})
+        print_rows(throughput(de, pipe, seeds=range(max(a.scenes, 8))))
+        print("where the time of edit_many goes:", {k: round(v, 2) for k, v in where_time_goes(de).items()})
+        print("two processes against one:", processes(a.model))
+        print_rows(batch_memory(a.model))
+        return
     peers = (diffusers_pipe(de.sd), ledits_pipe(de.sd)) if de.sd.family == "sd" else (None, None)  # both are SD 1.x/2.x pipelines
     rows = bench(default_methods(de, *peers, samplers=not de.sd.flow), seeds=range(a.scenes), repeats=a.repeats,
                  unet=de.sd.denoiser, device=de.sd.device)
