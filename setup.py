@@ -27,6 +27,8 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+explore_requirements = (cfg.get('explore_requirements') or '').split()  # live controls in a notebook (`13_explore`); Colab and Kaggle ship them
+app_requirements = (cfg.get('app_requirements') or '').split()  # `diffedit app` (`14_app`)
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -47,7 +49,7 @@ setuptools.setup(
     packages = setuptools.find_packages(),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements },
+    extras_require={ 'dev': dev_requirements, 'explore': explore_requirements, 'app': app_requirements },
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -167,8 +167,30 @@ def _main_batch(a, given:dict)->int:
               + (f"; report: {a.report}" if a.report else ""))
     return 1 if counts["failed"] else 0
 
+def _app(argv:list)->int:
+    "`diffedit app`: the web app (`14_app`)."
+    p = argparse.ArgumentParser(prog="diffedit app", description="A web page to edit by looking: the map, the mask with a threshold slider and a brush, the edit. "
+                                "Needs the app extra: pip install 'diffedit_nb[app]'.")
+    p.add_argument("--model", default="shapes", help="any model the library takes (default: the bundled shapes model, offline, with its examples)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="a public gradio.live link (Colab)")
+    p.add_argument("--device", default=None); p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    a = p.parse_args(argv)
+    try: import gradio  # noqa: F401
+    except ImportError:
+        print("diffedit: error: the app needs Gradio: pip install 'diffedit_nb[app]'", file=sys.stderr); return 1
+    from diffedit_nb.app import serve
+    try: serve(a.model, a.host, a.port, a.share, a.device, a.dtype)
+    except KeyboardInterrupt: return 0
+    except Exception as e:
+        print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr); return 1
+    return 0
+
 def main(argv:list|None=None)->int:
-    "The `diffedit` command."
+    "The `diffedit` command (`diffedit app`: the web app)."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["app"] and not Path("app").exists(): return _app(argv[1:])
     p = _parser()
     a = p.parse_args(argv)  # --help, --version and malformed arguments end here: no torch imported yet
     if not a.show_defaults:

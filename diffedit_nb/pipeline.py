@@ -286,7 +286,7 @@ class _Job:
 
 @torch.no_grad()
 def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
-    "Per job, per query: (map (h, w) in [0, 1], draws' raw maps (n, h, w)); the rows of every job in the same UNet calls."
+    "Per job, per query: (map (h, w) in [0, 1], each draw's raw map (n, h, w), the raw mean map (h, w)); every job's rows in the same UNet calls."
     slots, ref_keys = [], {}  # slot: (job index, query index or None for the reference, noisy (n, C, h, w), embedding (1, 77, d))
     cached = {}
     for j, job in enumerate(jobs):
@@ -311,7 +311,8 @@ def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=Tr
         per = []
         for q in range(len(job.queries)):
             d = (ref - torch.cat(out[(j, q)])).float().abs()  # (n, C, h, w)
-            per.append((finish_map(d.sum(0).div(k.n).mean(0), k.smooth, k.clamp), d.mean(1)))
+            raw = d.sum(0).div(k.n).mean(0)  # (h, w): the mean absolute difference, before smoothing and normalising
+            per.append((finish_map(raw, k.smooth, k.clamp), d.mean(1), raw))
         res.append(per)
     return res
 
@@ -339,7 +340,7 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
     for job in jobs:
         if job.given is not None: res.append([(job.given, None, None)] * len(job.queries)); continue
         per = []
-        for m, draws in next(maps):
+        for m, draws, _ in next(maps):
             alpha = self._alpha(job.prep, m, k)
             per.append((alpha, m, mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0)))
         res.append(per)
