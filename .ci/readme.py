@@ -1,6 +1,6 @@
 """README.md from nbs/index.ipynb, without Quarto (which nbdev_readme needs and which cannot be installed here).
 
-Markdown cells as they are; code cells without their `#|` directive lines, as python blocks; cells marked `hide` or
+Markdown cells as they are; code cells without their `#|` directive lines, as python blocks (`echo: false`: the output only); cells marked `hide` or
 `install` left out; saved PNG outputs written to index_files/ and linked; text outputs as plain blocks.
 The deploy workflow's nbdev_docs regenerates README.md with Quarto; .ci/run checks this file is in sync.
 Usage: python .ci/readme.py"""
@@ -18,7 +18,8 @@ def readme(nb_path=Path("nbs/index.ipynb"), out=Path("README.md"), files=Path("i
         if c["cell_type"] == "markdown": parts.append(src.strip()); continue
         if c["cell_type"] != "code" or directives(src) & {"hide", "install"}: continue
         code = "\n".join(l for l in src.splitlines() if not l.startswith("#|")).strip()
-        if code: parts.append(f"```python\n{code}\n```")
+        echo = not re.search(r"^#\|\s*echo:\s*false", src, re.M)  # `#| echo: false`: the output without its code
+        if code and echo: parts.append(f"```python\n{code}\n```")
         for j, o in enumerate(c.get("outputs", [])):
             png = o.get("data", {}).get("image/png")
             if png:

@@ -48,7 +48,8 @@ def run_diffusers(pipe, image, ref, query, seed, steps=50, **kw)->tuple: # (imag
     return out.resize(image.size), mask
 
 def run_ours(de:DiffEdit, image, ref, query, seed, **kw)->tuple: # (image, bool mask at image size)
-    "One edit with this project's `DiffEdit`."
+    "One edit with this project's `DiffEdit`, cold: its caches cleared first (the peers, too, encode the image and the prompts anew each call)."
+    de.clear_cache()
     res = de(image, ref=ref, query=query, seed=seed, progress=False, **kw)
     return res.image, np.asarray(res.mask) > 0
 
@@ -299,7 +300,7 @@ def second_query(de:DiffEdit, seeds=range(8))->dict:
 def throughput(de:DiffEdit, pipe=None, # diffusers' DiffEdit pipeline, or None
                seeds=range(32), batch_size:int=8, rounds:int=1)->list:
     "Images per second and colour right of a loop of single calls, `edit_many`, and a loop of diffusers' DiffEdit, on the same edits."
-    from .batch import item_seed, as_item
+    from diffedit_nb.batch import item_seed, as_item
     items = [(sc.image, sc.caption, q) for sc, q, _ in map(color_edit, seeds)]
     targets = [color_edit(s)[2] for s in seeds]; scs = [color_edit(s)[0] for s in seeds]
     seeds_ = [item_seed(as_item(it, i)) for i, it in enumerate(items)]
@@ -373,7 +374,7 @@ def _edit_figures(out, mask, sc, obj, target)->dict:
 
 def scene_edits(de:DiffEdit, seeds=range(60), area=(0.04, 0.5))->list:
     "Colour edits of one-object `rich_scene`s with objects of `area` of the image: one dict of figures per scene."
-    from .shapes import rich_scene
+    from diffedit_nb.shapes import rich_scene
     rows = []
     for s in seeds:
         sc = rich_scene(s, n=1, area=area); t = [c for c in COLORS if c != sc.color][s % 3]
@@ -383,7 +384,7 @@ def scene_edits(de:DiffEdit, seeds=range(60), area=(0.04, 0.5))->list:
 
 def two_object_edits(de:DiffEdit, seeds=range(60))->list:
     "Edit the colour of one object of two-object scenes; is it right, and is the other object's every pixel untouched?"
-    from .shapes import rich_scene
+    from diffedit_nb.shapes import rich_scene
     rows = []
     for s in seeds:
         sc = rich_scene(s, n=2); a, b = sc.things[s % 2], sc.things[1 - s % 2]
@@ -420,8 +421,8 @@ def run_ledits_removal(pipe, image, ref, seed)->Image.Image:
 def removals(de:DiffEdit, seeds=range(60), ledits=None, # LEDITS++ (`ledits_pipe`) to measure beside ours, or None
             )->dict: # method -> list of per-scene figures
     "Remove the object of one-object `rich_scene`s with `DiffEdit.remove` (and LEDITS++): `removal_figures` per scene."
-    from .shapes import rich_scene
-    from . import remove  # DiffEdit.remove
+    from diffedit_nb.shapes import rich_scene
+    from diffedit_nb import remove  # DiffEdit.remove
     out = {"ours": []} | ({"LEDITS++": []} if ledits is not None else {})
     for s in seeds:
         sc = rich_scene(s, n=1)
@@ -440,7 +441,7 @@ def mean_rows(rows:list, keys=None)->dict:
 # %% ../nbs/07_bench.ipynb #767ab0e1
 def confidence_cases(de:DiffEdit, seeds=range(30))->list:
     "Per seed, four masks (right reference, wrong reference, large object, photo composite): kind, IoU, confidence."
-    from .shapes import rich_scene, photo_scene, SHAPES
+    from diffedit_nb.shapes import rich_scene, photo_scene, SHAPES
     rows = []
     for s in seeds:
         sc = scene(s); t = edit_target(sc, s); rng = np.random.default_rng(s)
@@ -458,7 +459,7 @@ def confidence_cases(de:DiffEdit, seeds=range(30))->list:
 
 def warn_rates(rows:list, warn:float|None=None)->dict:
     "How often a mask warns (confidence < `warn`, default `CONFIDENCE_WARN`) among the bad (IoU < 0.5) and the good (IoU > 0.9) masks."
-    from .pipeline import CONFIDENCE_WARN
+    from diffedit_nb.pipeline import CONFIDENCE_WARN
     warn = CONFIDENCE_WARN if warn is None else warn
     bad, good = [r for r in rows if r["iou"] < 0.5], [r for r in rows if r["iou"] > 0.9]
     rate = lambda rs: float(np.mean([r["confidence"] < warn for r in rs])) if rs else float("nan")

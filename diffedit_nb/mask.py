@@ -97,14 +97,19 @@ def latent_mask(alpha:np.ndarray, # (H, W) blending weight at image size (workin
     return torch.from_numpy(small).to(device=device, dtype=dtype)[None, None]
 
 # %% ../nbs/03_mask.ipynb #df8b1b29
-def show_thresholds(image, mask_map:np.ndarray, thresholds=(0.2, 0.35, 0.5, 0.65, 0.8), **kwargs):
-    "The image, the map, and the mask at each threshold."
-    masks = [refine_mask(mask_map, t, fill_holes=False) for t in thresholds]
+def show_thresholds(image, mask_map:np.ndarray, thresholds=(0.2, 0.35, 0.5, 0.65, 0.8),
+                    refine:bool=DEFAULTS.refine, # snap each mask to the image's edges, as the edit does (False: the raw thresholded map)
+                    cell:float=8., # image pixels per latent pixel (8 for Stable Diffusion; the shapes model: 4)
+                    fill_holes:bool=DEFAULTS.fill_holes, **kwargs):
+    "The image, the map, and the mask the edit would use at each threshold."
+    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    masks = [refine_mask(mask_map, t, fill_holes, image=img if refine else None, cell=cell) for t in thresholds]
     return show_images([image, mask_map] + masks, ["image", "map"] + [f"> {t}" for t in thresholds], **kwargs)
 
-def show_blurs(image, mask_map:np.ndarray, blurs=(0, 3, 7, 15), threshold=DEFAULTS.threshold, **kwargs):
-    "The image, and the mask feathered with each blur size."
-    alphas = [refine_mask(mask_map, threshold, blur=b) for b in blurs]
+def show_blurs(image, mask_map:np.ndarray, blurs=(0, 3, 7, 15), threshold=DEFAULTS.threshold, refine:bool=DEFAULTS.refine, cell:float=8., **kwargs):
+    "The image, and the blending weight the edit would use with each blur size."
+    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    alphas = [refine_mask(mask_map, threshold, blur=b, image=img if refine else None, cell=cell) for b in blurs]
     return show_images([image] + alphas, ["image"] + [f"blur {b}" for b in blurs], **kwargs)
 
 # %% ../nbs/03_mask.ipynb #25fe5107

@@ -514,6 +514,23 @@ def _invert(self:DiffEdit, image, # path, URL, PIL image or bytes
 DiffEdit.invert = _invert
 
 
+# %% ../nbs/05_pipeline.ipynb #dc7212d7
+def _on_first_use(module:str, name:str):
+    "A `DiffEdit` method defined in `diffedit_nb.<module>`: imports it, which puts the real method in place, and calls it."
+    def method(self, *args, **kwargs):
+        import importlib
+        importlib.import_module(f"diffedit_nb.{module}")
+        real = getattr(type(self), name)
+        if real is method: raise AttributeError(f"diffedit_nb.{module} did not define DiffEdit.{name}")
+        return real(self, *args, **kwargs)
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"Defined in `diffedit_nb.{module}` (imported on first use)."
+    return method
+
+for _module, _names in (("batch", ("edit_many",)), ("remove", ("remove",)), ("explore", ("explore", "threshold_grid", "blur_grid"))):
+    for _name in _names:
+        if not hasattr(DiffEdit, _name): setattr(DiffEdit, _name, _on_first_use(_module, _name))
+
 # %% ../nbs/05_pipeline.ipynb #990851e2
 #| eval: false
 if __name__ == "__main__" and "__file__" in globals():  # python -m diffedit_nb.pipeline
