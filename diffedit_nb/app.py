@@ -94,12 +94,14 @@ def build_app(de:DiffEdit, # the model to edit with
                 warnings.simplefilter("ignore")
                 results = de(image, ref=ref, query=queries, mask_image=mask, seed=ex.seed, start=float(start), steps=int(steps),
                              guidance_scale=float(guidance), progress=False)
-            shown = [(outlined(image, mask), "original, the mask outlined")] + [(r.image, q) for r, q in zip(results, queries)]
-            files = []
-            for i, r in enumerate(results):
-                f = tmp / f"edit_{threading.get_ident()}_{i}.png"; r.image.save(f); files.append(str(f))
-            f = tmp / f"mask_{threading.get_ident()}.png"; Image.fromarray((mask * 255).astype(np.uint8)).save(f); files.append(str(f))
-            return results[0].image, shown, files
+            # Every edit's files in a folder of its own (an earlier edit's download links keep their files), each written
+            # once and handed to Gradio as a path: it copies a path into its cache once, while a PIL image shown twice
+            # (the edit and the gallery) is re-encoded onto the same cache file as the page may be reading it.
+            out = Path(tempfile.mkdtemp(dir=tmp, prefix="edit_"))
+            def saved(img, name): img.save(out / name); return str(out / name)
+            edits = [saved(r.image, f"edit_{i}.png") for i, r in enumerate(results)]
+            shown = [(saved(outlined(image, mask), "outlined.png"), "original, the mask outlined")] + list(zip(edits, queries))
+            return edits[0], shown, edits + [saved(Image.fromarray((mask * 255).astype(np.uint8)), "mask.png")]
         except Exception as e: raise error(e)
     k = de.defaults.knobs
     with gr.Blocks(title="DiffEdit") as app:
