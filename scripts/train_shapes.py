@@ -10,6 +10,8 @@ Usage (diffedit_nb installed; files go to $TRAIN_SHAPES_DIR, default the current
   python train_shapes.py check             # the VAE's reconstruction error on rich scenes, by background kind
   python train_shapes.py train --minutes M # train / resume from ckpt.pt (checkpoint every 5 min, save shapes/ every 20)
   python train_shapes.py save [FOLDER]     # write the diffusers folder from the latest checkpoint's EMA weights
+  --init FOLDER: start the UNet and text encoder from another shapes-format folder (e.g. an earlier run's `shapes/`,
+  for a second phase with its own --lr and --steps); the VAE and tokenizer always come from the bundled model.
 Training seeds: rich scenes from 2,000,000, original scenes from 1,000,000 (held-out and tuning seeds are < 1,000).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffedit_nb.components import shapes_model_path, SD_SCHEDULER_CONFIG
 from diffedit_nb.shapes import rich_scene, scene, to_x, cosine_lr, latent_stats, save_model, BACKGROUNDS
 
-BASE = shapes_model_path()
+BASE = INIT = shapes_model_path()
 HERE = Path(os.environ.get("TRAIN_SHAPES_DIR", ".")).resolve()
 CKPT, OUT, LOG = HERE / "ckpt.pt", HERE / "shapes", HERE / "train.log"
 RECIPE = dict(n_rich=36000, n_orig=12000, steps=9000, bs=32, lr=3e-4, warmup=100, wd=0.01, ema=0.999, p_uncond=0.1,
@@ -68,8 +70,9 @@ def train(minutes):
     index = {c: i for i, c in enumerate(uniq)}
     cap_idx = torch.tensor([index[c] for c in caps])
     ids = tok(uniq, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    unet = UNet2DConditionModel.from_pretrained(BASE, subfolder="unet")
-    te = CLIPTextModel.from_pretrained(BASE, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(INIT, subfolder="unet")
+    te = CLIPTextModel.from_pretrained(INIT, subfolder="text_encoder")
+    log(f"weights from {INIT}, recipe {RECIPE}")
     unet.train(); te.train()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=RECIPE["lr"], weight_decay=RECIPE["wd"])
@@ -121,10 +124,10 @@ def save(folder):
     save_model(tmp, vae, te, tok, unet)
     for extra in ("vocabulary.json", "diffedit.json"):
         if (BASE / extra).exists(): shutil.copy(BASE / extra, tmp / extra)
-    old = json.loads((BASE / "train_log.json").read_text())
-    l = ck["losses"]
-    (tmp / "train_log.json").write_text(json.dumps(dict(old, finetune=dict(RECIPE, stop=ck["step"],
-        loss_per50=[float(np.mean(l[i:i + 50])) for i in range(0, len(l), 50)])), indent=1))
+    old = json.loads((INIT / "train_log.json").read_text())
+    l = ck["losses"]; phase = "finetune" if "finetune" not in old else f"finetune{sum(k.startswith('finetune') for k in old) + 1}"
+    (tmp / "train_log.json").write_text(json.dumps(dict(old, **{phase: dict(RECIPE, stop=ck["step"],
+        loss_per50=[float(np.mean(l[i:i + 50])) for i in range(0, len(l), 50)])}), indent=1))
     shutil.rmtree(folder, ignore_errors=True); os.replace(tmp, folder)
     log(f"saved {folder} (step {ck['step']})")
 
@@ -132,8 +135,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(); ap.add_argument("cmd", choices=["check", "train", "save"])
     ap.add_argument("folder", nargs="?"); ap.add_argument("--minutes", type=float, default=600)
     ap.add_argument("--steps", type=int, default=None, help="total steps (the learning-rate schedule's length; default the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default the recipe's)")
+    ap.add_argument("--init", type=Path, default=None, help="a shapes-format folder to start the UNet and text encoder from")
     a = ap.parse_args(); HERE.mkdir(parents=True, exist_ok=True)
     if a.steps: RECIPE["steps"] = a.steps
+    if a.lr: RECIPE["lr"] = a.lr
+    if a.init: INIT = a.init.resolve(); RECIPE["init"] = str(INIT)
     if a.cmd == "check": check()
     elif a.cmd == "train": train(a.minutes)
     else: save(a.folder or OUT)
