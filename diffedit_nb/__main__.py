@@ -138,11 +138,16 @@ def _main_batch(a, given:dict)->int:
         if a.image: raise CLIError("give the images in the manifest or on the command line, not both")
         from diffedit_nb.batch import read_manifest
         items = read_manifest(a.manifest)
-        for r in items:
-            r.setdefault("ref", a.ref); r.setdefault("query", a.query); r.pop("_line", None)
+        for r in items:  # a row's own remove / ref / query, else the command line's
+            if not any(r.get(k) for k in ("remove", "ref", "query")) and a.remove is not None: r["remove"] = a.remove
+            if not r.get("remove"): r.setdefault("ref", a.ref); r.setdefault("query", a.query)
+            r.pop("_line", None)
             if r.get("seed") is not None: r["seed"] = int(r["seed"])
+    elif a.remove is not None:
+        if not a.remove.strip(): raise CLIError("--remove is empty: say what to remove, e.g. 'a red circle'")
+        items = [dict(image=x, remove=a.remove) for x in _images_in(a.image)]
     else:
-        if a.ref is None or a.query is None: raise CLIError("--ref and --query are required (or a --manifest with ref and query columns)")
+        if a.ref is None or a.query is None: raise CLIError("--ref and --query are required (or --remove, or a --manifest with ref and query columns)")
         _check_prompts(a.ref, a.query)
         items = [dict(image=x, ref=a.ref, query=a.query) for x in _images_in(a.image)]
     from diffedit_nb.batch import run_items, process_state, as_item, plan_outputs
@@ -204,9 +209,7 @@ def main(argv:list|None=None)->int:
         pre = Knobs(**given)
         check_knobs(replace(pre, sampler=None) if pre.sampler == "euler" else pre)  # Euler + inversion: fine on a flow model, checked once it is loaded
         if a.resolution is not None and a.resolution < 1: raise CLIError(f"--resolution must be a positive number of pixels; got {a.resolution}")
-        if _is_batch(a):
-            if a.remove is not None: raise CLIError("--remove edits one image (-o FILE); for many, use a manifest with the query set to the model's removal prompt")
-            return _main_batch(a, given)
+        if _is_batch(a): return _main_batch(a, given)
         image_arg = a.image[0]
         if a.remove is None: _check_prompts(a.ref, a.query)
         elif not a.remove.strip(): raise CLIError("--remove is empty: say what to remove, e.g. 'a red circle'")

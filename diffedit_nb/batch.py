@@ -19,7 +19,7 @@ from .pipeline import DiffEdit, EditResult, CONFIDENCE_WARN, _Job, _result, _que
 __all__ = ['ITEM_KEYS', 'Item', 'as_item', 'item_seed', 'read_manifest', 'process_state', 'plan_outputs', 'run_items']
 
 # %% ../nbs/05a_batch.ipynb #4bfff070
-ITEM_KEYS = ("image", "ref", "query", "seed", "out", "mask_image", "name", "knobs")
+ITEM_KEYS = ("image", "ref", "query", "seed", "out", "mask_image", "name", "knobs", "remove")
 
 @dataclass
 class Item:
@@ -32,11 +32,12 @@ class Item:
     mask_image: object = None # a mask to edit with (`load_mask`)
     name: str|None = None # what names the item in reports and seeds (default: the image's path, else its position)
     knobs: dict = field(default_factory=dict) # this item's knobs, over the run's
+    remove: bool = False # a removal (`DiffEdit.remove`): `ref` is what to remove, `query` None (the model's `removal_prompt`)
 
 def as_item(x, # an `Item`, an (image, ref, query) row, or a dict with `ITEM_KEYS` (knobs may also be top-level keys)
             index:int=0, # its position in the list (its name when nothing else names it)
            )->Item:
-    "Check one item and give it a name."
+    "Check one item and give it a name. A dict with `remove` (what to remove) instead of `ref` and `query` is a removal."
     if isinstance(x, Item): it = x
     elif isinstance(x, (tuple, list)):
         if len(x) != 3: raise ValueError(f"item {index}: a row is (image, ref, query); got {len(x)} values.")
@@ -44,14 +45,19 @@ def as_item(x, # an `Item`, an (image, ref, query) row, or a dict with `ITEM_KEY
     elif isinstance(x, dict):
         extra = [k for k in x if k not in ITEM_KEYS and k not in KNOBS]
         if extra: raise ValueError(f"item {index}: unknown key(s) {', '.join(map(repr, extra))}; an item has {', '.join(ITEM_KEYS)} and knobs ({', '.join(KNOBS)}).")
-        missing = [k for k in ("image", "ref", "query") if x.get(k) in (None, "")]
+        if x.get("remove") not in (None, "", False):
+            if x.get("ref") not in (None, "") or x.get("query") not in (None, ""):
+                raise ValueError(f"item {index}: remove takes the place of ref and query; give one or the other.")
+            x = {**x, "ref": x["remove"], "query": None, "remove": True}
+        else: x = {k: v for k, v in x.items() if k != "remove"}
+        missing = [k for k in ("image", "ref") + (() if x.get("remove") else ("query",)) if x.get(k) in (None, "")]
         if missing: raise ValueError(f"item {index}: {', '.join(missing)} missing or empty.")
         it = Item(**{k: v for k, v in x.items() if k in ITEM_KEYS})
         it.knobs = {**dict(x.get("knobs") or {}), **{k: v for k, v in x.items() if k in KNOBS}}
     else: raise TypeError(f"item {index}: an item is an (image, ref, query) row or a dict; got {type(x).__name__}.")
     for k_ in it.knobs:
         if k_ not in KNOBS: raise ValueError(f"item {index}: unknown knob {k_!r}; the knobs are: {', '.join(KNOBS)}.")
-    for name in ("ref", "query"):
+    for name in ("ref",) + (() if it.remove else ("query",)):
         v = getattr(it, name)
         if not isinstance(v, str) or not v.strip(): raise ValueError(f"item {index}: {name} must be a non-empty prompt; got {v!r}.")
     if it.seed is not None:
@@ -132,9 +138,14 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
     for i, x in chunk:
         try:
             it = as_item(x, i)
-            k = self.knobs(**{**knobs, **it.knobs}); check_knobs(k)
+            given = {**knobs, **it.knobs}; query = it.query
+            if it.remove:  # as `DiffEdit.remove`: towards the model's empty scene, away from what is removed
+                query = self.knobs(**given).removal_prompt
+                if query.strip() == it.ref.strip(): raise ValueError(f"item {i}: the removal prompt {query!r} is what to remove; say what the scene is without it (removal_prompt).")
+                given.setdefault("negative_prompt", None)  # None: the reference
+            k = self.knobs(**given); check_knobs(k)
             prep = self._prepare(it.image)
-            job = _Job(prep, it.ref, [it.query], make_generator(item_seed(it, seed)))
+            job = _Job(prep, it.ref, [query], make_generator(item_seed(it, seed)))
             if it.mask_image is not None: job.given = self._given_alpha(prep, it.mask_image, k, snap={**knobs, **it.knobs}.get("refine") is True)
             groups.setdefault(_group_key(prep, k), []).append((i, job, k))
         except Exception as e:
