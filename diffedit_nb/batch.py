@@ -138,14 +138,13 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
     for i, x in chunk:
         try:
             it = as_item(x, i)
-            given = {**knobs, **it.knobs}; query = it.query
-            if it.remove:  # as `DiffEdit.remove`: towards the model's empty scene, away from what is removed
-                query = self.knobs(**given).removal_prompt
-                if query.strip() == it.ref.strip(): raise ValueError(f"item {i}: the removal prompt {query!r} is what to remove; say what the scene is without it (removal_prompt).")
-                given.setdefault("negative_prompt", None)  # None: the reference
-            k = self.knobs(**given); check_knobs(k)
+            if it.remove:  # a removal: its mask, then its repaint of another picture (the pre-filled one), so on its own
+                import diffedit_nb.remove  # DiffEdit.remove
+                out[i] = self.remove(it.image, it.ref, mask_image=it.mask_image, seed=item_seed(it, seed), progress=progress, **{**knobs, **it.knobs})
+                continue
+            k = self.knobs(**{**knobs, **it.knobs}); check_knobs(k)
             prep = self._prepare(it.image)
-            job = _Job(prep, it.ref, [query], make_generator(item_seed(it, seed)))
+            job = _Job(prep, it.ref, [it.query], make_generator(item_seed(it, seed)))
             if it.mask_image is not None: job.given = self._given_alpha(prep, it.mask_image, k, snap={**knobs, **it.knobs}.get("refine") is True)
             groups.setdefault(_group_key(prep, k), []).append((i, job, k))
         except Exception as e:

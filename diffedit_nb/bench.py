@@ -396,12 +396,13 @@ def two_object_edits(de:DiffEdit, seeds=range(60))->list:
     return rows
 
 def removal_figures(out, sc)->dict:
-    "Whether the object's region of `out` is nearer the background's colour than any palette colour, the object's colour left in it, the far background."
+    "Is the object's region of `out` nearer the background's colour than any palette colour (its mean; each pixel), the object's colour left in it, the far background."
     o, orig = np.asarray(out.convert("RGB")).astype(float), np.asarray(sc.image, float)
     ring = far_from(sc.mask, 1) & ~far_from(sc.mask, 6)
     region, bg = o[sc.mask].mean(0), orig[ring].mean(0)
-    far = far_from(sc.mask, 3)
+    far = far_from(sc.mask, 3); pal = np.array(list(COLORS.values()), float); px = o[sc.mask]
     return dict(bg_nearer=float(np.linalg.norm(region - bg) < min(np.linalg.norm(region - np.array(c, float)) for c in COLORS.values())),
+                bg_pixels=float((np.linalg.norm(px - bg, axis=1) < np.linalg.norm(px[:, None] - pal[None], axis=2).min(1)).mean()),
                 trace=float(painted(o.astype(np.uint8), sc.color)[sc.mask].mean()), bg_same=float((o[far] == orig[far]).all()))
 
 def run_ledits_removal(pipe, image, ref, seed)->Image.Image:
@@ -419,15 +420,19 @@ def run_ledits_removal(pipe, image, ref, seed)->Image.Image:
     return out.resize(image.size)
 
 def removals(de:DiffEdit, seeds=range(60), ledits=None, # LEDITS++ (`ledits_pipe`) to measure beside ours, or None
+             pure_noise:bool=False, # also ours repainted from pure noise (`removal_start=1`: the previous release's removal)
             )->dict: # method -> list of per-scene figures
     "Remove the object of one-object `rich_scene`s with `DiffEdit.remove` (and LEDITS++): `removal_figures` per scene."
     from diffedit_nb.shapes import rich_scene
     from diffedit_nb import remove  # DiffEdit.remove
-    out = {"ours": []} | ({"LEDITS++": []} if ledits is not None else {})
+    out = {"ours": []} | ({"ours, from pure noise": []} if pure_noise else {}) | ({"LEDITS++": []} if ledits is not None else {})
     for s in seeds:
         sc = rich_scene(s, n=1)
         r = de.remove(sc.image, sc.caption, seed=s, progress=False)
         out["ours"].append(dict(seed=s, iou=iou(np.asarray(r.mask) > 0, sc.mask), **removal_figures(r.image, sc)))
+        if pure_noise:
+            r1 = de.remove(sc.image, sc.caption, seed=s, progress=False, removal_start=1.0)
+            out["ours, from pure noise"].append(dict(seed=s, iou=iou(np.asarray(r1.mask) > 0, sc.mask), **removal_figures(r1.image, sc)))
         if ledits is not None: out["LEDITS++"].append(dict(seed=s, **removal_figures(run_ledits_removal(ledits, sc.image, sc.caption, s), sc)))
     return out
 

@@ -39,6 +39,7 @@ class Knobs:
     sampler: str|None = None    # the edit's sampler: None (the model's own: DDIM; SD3, Flux: the flow's Euler), "ddim", "dpm++2m" or "euler"
     spacing: str = "model"      # the edit's timestep grid: "model" (the model's scheduler config), "trailing" (starts at t=999), "leading" or "linspace"
     removal_prompt: str = ""    # what `DiffEdit.remove` edits towards: the model's words for an empty scene ("": the empty prompt)
+    removal_start: float = 0.8  # `DiffEdit.remove`: noise level its repaint starts from, on the hole pre-filled from around it (0: the pre-fill alone; 1: pure noise)
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
@@ -90,6 +91,8 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
     check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
                        sampler=k.sampler, spacing=k.spacing)
     if not isinstance(k.removal_prompt, str): raise ValueError(f"removal_prompt must be a string (the words for an empty scene); got {k.removal_prompt!r}.")
+    if not (_number(k.removal_start) and 0 <= k.removal_start <= 1):
+        raise ValueError(f"removal_start must be a noise level in [0, 1] (0: the pre-filled hole as it is, 1: repainted from pure noise); got {k.removal_start!r}.")
 
 # %% ../nbs/00_defaults.ipynb #3ea3a44e
 class _ModelDefault:

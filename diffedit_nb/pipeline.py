@@ -459,6 +459,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           sampler:str|None=DEFAULT, # the edit's sampler: None (the model's own), "ddim", "dpm++2m" or "euler"
           spacing:str=DEFAULT, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
           removal_prompt:str=DEFAULT, # the model's words for an empty scene (`DiffEdit.remove` edits towards them)
+          removal_start:float=DEFAULT, # `DiffEdit.remove`'s repaint noise level (not used by an edit)
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           callback=None, # callback(i, t, latents) after each denoising step

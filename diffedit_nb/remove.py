@@ -5,29 +5,71 @@
 # %% ../nbs/05b_remove.ipynb #435fe5c8
 from __future__ import annotations
 import warnings
+import numpy as np
+import cv2
+from PIL import Image
 from fastcore.basics import patch
-from .defaults import DEFAULT
-from .pipeline import DiffEdit, EditResult
+from .defaults import DEFAULT, KNOBS, check_knobs
+from .encode import load_image
+from .pipeline import DiffEdit, EditResult, MaskResult, load_mask, _mask_image
+
 
 # %% auto #0
-__all__ = []
+__all__ = ['prefill_hole']
 
 # %% ../nbs/05b_remove.ipynb #7ce3c367
+def prefill_hole(image:Image.Image, # the picture (RGB)
+                 mask, # the hole (`load_mask`: MaskResult, PIL image, array or path), any size
+                )->Image.Image: # the picture with the hole filled from around it; outside the mask, the input's pixels
+    "Fill the masked region from its surroundings with OpenCV's inpainting (Telea's fast marching), as a start for the model."
+    src = np.asarray(image.convert("RGB")); side = max(image.size)
+    m = load_mask(mask, image.size) > 0.5
+    if not m.any(): return image.convert("RGB").copy()
+    grow = max(1, round(side / 64))  # the hole a little wider: the colour of the object's anti-aliased rim is not carried in
+    hole = cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=grow)
+    filled = cv2.inpaint(src, hole, min(15, max(3, round(side / 12))), cv2.INPAINT_TELEA)
+    return Image.fromarray(np.where(m[..., None], filled, src))
+
 @patch
 def remove(self:DiffEdit, image, # path, URL, PIL image or bytes
            ref:str, # what to remove ("a red circle")
            *, mask_image=None, # the region to remove, if you have it (`load_mask`); else DiffEdit's mask of `ref`
            removal_prompt:str=DEFAULT, # what the region becomes: the model's words for an empty scene (its default: `DiffEdit.defaults`)
+           removal_start:float=DEFAULT, # noise level the repaint starts from on the pre-filled hole (0: the pre-fill alone, 1: pure noise)
            negative_prompt:str|None=DEFAULT, # the guidance's negative prompt; default: `ref` (away from what is removed)
            seed:int|None=None, generator=None, callback=None, batch_size:int|None=None, progress:bool=True,
-           **knobs, # any other knob of `DiffEdit.__call__`
+           **knobs, # any other knob of `DiffEdit.__call__` (`start` is not used: the repaint starts at `removal_start`)
           )->EditResult:
-    "Remove what `ref` describes: mask it against an empty scene, fill the mask guided towards the empty scene and away from `ref`."
-    fill = self.knobs(removal_prompt=removal_prompt).removal_prompt
+    "Remove what `ref` describes: mask it against an empty scene, pre-fill the hole from around it, repaint it from `removal_start` towards the empty scene and away from `ref`."
+    start = knobs.pop("start", DEFAULT)  # `asdict(res.knobs)` holds the model's start: remaking a removal from it is fine
+    if start is not DEFAULT and start != self.knobs().start:
+        warnings.warn(f"remove() repaints from removal_start, not start (start={start} is not used); give removal_start= (0: the pre-fill alone, 1: pure noise).", stacklevel=2)
+    bad = [k for k in knobs if k not in KNOBS]
+    if bad: raise TypeError(f"remove() got an unexpected keyword argument {bad[0]!r}; the knobs are: {', '.join(KNOBS)}.")
+    negative_prompt = None if negative_prompt is DEFAULT else negative_prompt  # None: the reference
+    k = self.knobs(removal_prompt=removal_prompt, removal_start=removal_start, negative_prompt=negative_prompt, **knobs)
+    check_knobs(k, batch_size)  # before any model work
+    fill = k.removal_prompt
     if not isinstance(ref, str) or not ref.strip(): raise ValueError(f"ref must name what to remove, e.g. 'a red circle'; got {ref!r}.")
     if fill.strip() == ref.strip(): raise ValueError(f"removal_prompt {fill!r} is `ref`: say what the scene is without it.")
+    img = load_image(image)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="query is empty")  # an empty removal prompt is what removal asks for
-        return self(image, ref=ref, query=fill, mask_image=mask_image, removal_prompt=removal_prompt,
-                    negative_prompt=None if negative_prompt is DEFAULT else negative_prompt, seed=seed, generator=generator,
-                    callback=callback, batch_size=batch_size, progress=progress, **knobs)
+        if mask_image is None:  # 1. the mask: where the reference and the empty scene disagree
+            mask_knobs = {n: v for n, v in knobs.items() if n in ("n", "mask_strength", "clamp", "smooth", "threshold", "fill_holes", "refine", "blur", "steps")}
+            found = self.mask(img, ref=ref, query=fill, seed=seed, generator=generator, batch_size=batch_size, progress=progress, **mask_knobs)
+            hole, confidence, mask_map = found.mask, found.confidence, found.mask_map
+        else: hole, confidence, mask_map = mask_image, None, None
+        a = load_mask(hole, img.size)
+        filled = prefill_hole(img, a)  # 2. the hole filled from its surroundings
+        if k.removal_start == 0:  # the pre-fill is the removal
+            return EditResult(_mask_image(a), a.astype(np.float32) if mask_map is None else mask_map, confidence, k, filled)
+        # 3. DiffEdit from removal_start on the pre-filled picture, guided towards the empty scene and away from ref; outside, the input
+        res = self(filled, ref=ref, query=fill, mask_image=a, removal_prompt=removal_prompt, removal_start=removal_start,
+                   negative_prompt=negative_prompt, start=k.removal_start,
+                   seed=seed, generator=generator, callback=callback, batch_size=batch_size, progress=progress, **knobs)
+    res.confidence = confidence
+    if mask_map is not None: res.mask_map = mask_map
+    res.knobs = k  # the knobs of the removal (its `start` the model's: the repaint's is `removal_start`)
+    return res
+
