@@ -20,6 +20,8 @@ def run(fn:Path, run_flags:set, skip_text:str|None=None):
         if d.get("eval:", [""])[0].lower() == "false": return True
         if skip_text and any(t in cell.source for t in skip_text.split("||")): return True
         return bool(skip & set(d))
+    for cell in nb.cells:  # a cell that runs gets only its new outputs (an old error output was otherwise left in place)
+        if cell.cell_type == "code" and not no_eval(cell): cell.outputs = []
     os.environ["IN_TEST"] = "1"
     k = CaptureShell(fn)
     t0 = time.time()
