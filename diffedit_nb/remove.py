@@ -4,14 +4,14 @@
 
 # %% ../nbs/05b_remove.ipynb #435fe5c8
 from __future__ import annotations
-import warnings
+import inspect, warnings
 import numpy as np
 import cv2
 from PIL import Image
 from fastcore.basics import patch
 from .defaults import DEFAULT, KNOBS, check_knobs
 from .encode import load_image
-from .pipeline import DiffEdit, EditResult, MaskResult, load_mask, _mask_image
+from .pipeline import DiffEdit, EditResult, load_mask, _mask_image
 
 
 # %% auto #0
@@ -56,7 +56,7 @@ def remove(self:DiffEdit, image, # path, URL, PIL image or bytes
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="query is empty")  # an empty removal prompt is what removal asks for
         if mask_image is None:  # 1. the mask: where the reference and the empty scene disagree
-            mask_knobs = {n: v for n, v in knobs.items() if n in ("n", "mask_strength", "clamp", "smooth", "threshold", "fill_holes", "refine", "blur", "steps")}
+            mask_knobs = {n: v for n, v in knobs.items() if n in inspect.signature(self.mask).parameters}  # the knobs the mask takes
             found = self.mask(img, ref=ref, query=fill, seed=seed, generator=generator, batch_size=batch_size, progress=progress, **mask_knobs)
             hole, confidence, mask_map = found.mask, found.confidence, found.mask_map
         else: hole, confidence, mask_map = mask_image, None, None
