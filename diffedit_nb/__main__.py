@@ -102,6 +102,8 @@ def _show_defaults(model:str)->str:
     m = _resolve_model(model)
     variant = read_variant(m)
     knobs, source = _load_knobs(m)
+    import diffedit_nb; pkg = Path(diffedit_nb.__file__).resolve().parent  # a bundled model's file: named inside the package, not by this machine's path
+    if source and Path(source).resolve().is_relative_to(pkg): source = str(Path(pkg.name) / Path(source).resolve().relative_to(pkg))
     return f"{model}: {VARIANTS[variant]} ({variant})\n{resolve_knobs(folder=knobs, variant=variant, folder_source=source)}"
 
 def _images_in(paths:list)->list:

@@ -10,6 +10,7 @@ Usage (diffedit_nb installed; files go to $TRAIN_SHAPES_DIR, default the current
   python train_shapes.py check             # the VAE's reconstruction error on rich scenes, by background kind
   python train_shapes.py train --minutes M # train / resume from ckpt.pt (checkpoint every 5 min, save shapes/ every 20)
   python train_shapes.py save [FOLDER]     # write the diffusers folder from the latest checkpoint's EMA weights
+  --seed N: the batches' and noises' seed (a second phase with the first phase's seed repeats its batches).
   --init FOLDER: start the UNet and text encoder from another shapes-format folder (e.g. an earlier run's `shapes/`,
   for a second phase with its own --lr and --steps); the VAE and tokenizer always come from the bundled model.
 Training seeds: rich scenes from 2,000,000, original scenes from 1,000,000 (held-out and tuning seeds are < 1,000).
@@ -136,10 +137,12 @@ if __name__ == "__main__":
     ap.add_argument("folder", nargs="?"); ap.add_argument("--minutes", type=float, default=600)
     ap.add_argument("--steps", type=int, default=None, help="total steps (the learning-rate schedule's length; default the recipe's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default the recipe's)")
+    ap.add_argument("--seed", type=int, default=None, help="the batches' and noises' seed (give each phase its own; default the recipe's)")
     ap.add_argument("--init", type=Path, default=None, help="a shapes-format folder to start the UNet and text encoder from")
     a = ap.parse_args(); HERE.mkdir(parents=True, exist_ok=True)
     if a.steps: RECIPE["steps"] = a.steps
     if a.lr: RECIPE["lr"] = a.lr
+    if a.seed is not None: RECIPE["seed"] = a.seed
     if a.init: INIT = a.init.resolve(); RECIPE["init"] = str(INIT)
     if a.cmd == "check": check()
     elif a.cmd == "train": train(a.minutes)
