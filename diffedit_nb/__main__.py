@@ -37,7 +37,7 @@ def _parser():
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
     p.add_argument("--remove", metavar="TEXT", help="remove what TEXT describes (e.g. 'a red circle'), filling it with what is around it; instead of --ref/--query")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
-                   f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3'); default {DEFAULT_MODEL}")
+                   f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3', 'shapes-rich'); default {DEFAULT_MODEL}")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
     p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL, SD3, Flux)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")

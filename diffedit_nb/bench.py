@@ -476,7 +476,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="diffedit-bench", description="diffusers' DiffEdit and LEDITS++ vs diffedit_nb on the bundled shapes model")
     p.add_argument("--scenes", type=int, default=20, help="held-out scenes, seeds 0 to N-1 (default 20)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
-    p.add_argument("--model", default=str(SHAPES_MODEL), help="model folder or 'shapes', 'shapes-xl', 'shapes-sd3' (default: the bundled shapes model); "
+    p.add_argument("--model", default=str(SHAPES_MODEL), help="model folder or 'shapes', 'shapes-xl', 'shapes-sd3', 'shapes-rich' (default: the bundled shapes model); "
                    "diffusers' pipelines run beside ours on SD 1.x/2.x models only")
     p.add_argument("--device", default=None)
     p.add_argument("--workflow", action="store_true", help="instead: a second query, edit_many against loops, two processes, memory per batch size")

@@ -329,12 +329,12 @@ def read_variant(model:str|Path, # hub id or local diffusers folder
     return model_variant(family, sched, den)
 
 # %% ../nbs/00_components.ipynb #4702227e
-_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3"}
+_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3", "rich": "shapes_rich"}
 
-def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`)
+def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`); "rich": the SD-layout model fine-tuned on scenes of any size, two objects or none (`06_shapes`)
                      )->Path:
     "Folder of a small shapes model bundled in the package."
-    if family not in _BUNDLED: raise ValueError(f"a shapes model is bundled for the families {list(_BUNDLED)}; got {family!r}.")
+    if family not in _BUNDLED: raise ValueError(f"the bundled shapes models are {list(_BUNDLED)}; got {family!r}.")
     return Path(importlib.resources.files("diffedit_nb")) / "models" / _BUNDLED[family]
 
 def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one

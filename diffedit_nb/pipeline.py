@@ -64,11 +64,12 @@ def _mask_image(alpha:np.ndarray)->Image.Image:
     return Image.fromarray(((alpha > 0) * 255).astype(np.uint8), "L")
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
-BUNDLED = ("shapes", "shapes-xl", "shapes-sd3")
+BUNDLED = ("shapes", "shapes-xl", "shapes-sd3", "shapes-rich")
 
 def _resolve_model(model):
-    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer)."
-    paths = {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3")}
+    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer), 'shapes-rich' (the SD-layout model fine-tuned on large objects, two objects and empty scenes)."
+    paths = {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3"),
+             "shapes-rich": shapes_model_path("rich")}
     if str(model) in paths: return paths[str(model)]
     close = difflib.get_close_matches(str(model), BUNDLED, n=1, cutoff=0.75)
     if close and not Path(str(model)).expanduser().exists():
