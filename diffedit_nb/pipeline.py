@@ -68,8 +68,7 @@ BUNDLED = ("shapes", "shapes-xl", "shapes-sd3", "shapes-rich")
 
 def _resolve_model(model):
     "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer), 'shapes-rich' (the SD-layout model fine-tuned on large objects, two objects and empty scenes)."
-    paths = {"shapes": shapes_model_path(), "shapes-xl": shapes_model_path("sdxl"), "shapes-sd3": shapes_model_path("sd3"),
-             "shapes-rich": shapes_model_path("rich")}
+    paths = {name: shapes_model_path(kind) for name, kind in zip(BUNDLED, ("sd", "sdxl", "sd3", "rich"))}
     if str(model) in paths: return paths[str(model)]
     close = difflib.get_close_matches(str(model), BUNDLED, n=1, cutoff=0.75)
     if close and not Path(str(model)).expanduser().exists():
