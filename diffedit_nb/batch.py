@@ -211,6 +211,7 @@ def run_items(de:DiffEdit, items:list, # as for `edit_many`
     for i, (it, o) in enumerate(zip(its, outs)):
         if o.exists() and not force: rows[i] = dict(name=it.name, status="skipped", output=str(o), error=None)
     todo = [i for i in range(len(its)) if rows[i] is None]
+    if state is not None: state.wait_for_everyone()  # every process has looked for existing outputs before any writes one: they plan the same batches
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     if state is not None:
         with state.split_between_processes(batches) as mine: batches = list(mine)
