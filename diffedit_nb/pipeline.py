@@ -24,8 +24,9 @@ from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'CONFIDENCE_CUTS', 'MaskResult', 'EditResult', 'composite', 'DiffEdit',
-           'Prepared', 'load_mask', 'confidence_signs', 'mask_confidence', 'sd_predict_rows']
+__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'CONFIDENCE_CUTS', 'CONFIDENCE_FILE', 'MaskResult', 'EditResult',
+           'composite', 'DiffEdit', 'Prepared', 'load_mask', 'check_cuts', 'confidence_signs', 'mask_confidence',
+           'sd_predict_rows']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -93,6 +94,11 @@ def _load_vocabulary(model)->dict|None:
     f = Path(str(model)).expanduser()/"vocabulary.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
+def _load_confidence(model)->dict|None:
+    "The confidence cut-offs a model folder carries for itself (`confidence.json`: {\"cuts\": {sign: [doubtful below, typical]}}), checked; or None."
+    f = Path(str(model)).expanduser()/CONFIDENCE_FILE
+    return check_cuts(json.loads(f.read_text()).get("cuts"), f) if f.is_file() else None
+
 def _load_knobs(model)->tuple:
     "The knobs a model folder carries for itself (`diffedit.json`, checked) and the file's path; ({}, '') if it has none."
     f = Path(str(model)).expanduser()/KNOBS_FILE
@@ -105,6 +111,7 @@ class DiffEdit:
                  resolution:int|None=None, # image side to work at (None: the model's, 512 for SD 1.5, 1024 for SDXL)
                  knobs:dict|None=None, # the model's own defaults (a folder's `diffedit.json`), over its family's published ones
                  knobs_source:str=KNOBS_FILE, # where `knobs` came from, as `defaults` reports it
+                 confidence_cuts:dict|None=None, # the model's own cut-offs of the mask's confidence (`confidence.json`); None: `CONFIDENCE_CUTS`
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
@@ -113,6 +120,7 @@ class DiffEdit:
         self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
         self.model_knobs, self.knobs_source = dict(knobs or {}), knobs_source
+        self.confidence_cuts = CONFIDENCE_CUTS if confidence_cuts is None else check_cuts(confidence_cuts)
         resolve_knobs(folder=self.model_knobs)  # a bad knob name fails here, not at the first edit
         check_knobs(self.defaults.knobs)
 
@@ -134,7 +142,7 @@ class DiffEdit:
         "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5)."
         model = _resolve_model(model)
         knobs, source = _load_knobs(model)
-        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution, knobs, source)
+        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution, knobs, source, _load_confidence(model))
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None):
@@ -251,6 +259,20 @@ CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful
 # wrong references, large objects, photo composites; 200 masks) of the bundled shapes model, the smallest cuts that warn on at most
 # 5 % of the masks with IoU > 0.9 (there: 4 %, and on 90 % of those with IoU < 0.5); they belong to that model: another's maps may sit elsewhere
 CONFIDENCE_CUTS = dict(separation=(0.033, 0.523), mass=(0.276, 0.618), agreement=(0.606, 0.868))
+CONFIDENCE_FILE = "confidence.json" # a model folder's own cut-offs, where its maps sit elsewhere (the bundled shapes-rich and shapes-sd3)
+
+def check_cuts(cuts, where:str|Path="confidence_cuts")->dict:
+    "Confidence cut-offs checked: each sign of `confidence_signs` -> (doubtful below, typical of a good mask), two numbers, the first smaller."
+    signs = tuple(CONFIDENCE_CUTS)
+    if not isinstance(cuts, dict) or set(cuts) != set(signs):
+        raise ValueError(f"{where}: the confidence cut-offs must name exactly the signs {', '.join(signs)}; got {cuts!r:.80}.")
+    out = {}
+    for k in signs:
+        v = cuts[k]
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v) and v[0] < v[1]):
+            raise ValueError(f"{where}: {k} must be two numbers [doubtful below, typical of a good mask], the first smaller; got {v!r}.")
+        out[k] = (float(v[0]), float(v[1]))
+    return out
 
 def confidence_signs(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
                      mask:np.ndarray, # bool (h, w): the mask on the latent grid
@@ -342,7 +364,7 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
         per = []
         for m, draws, _ in next(maps):
             alpha = self._alpha(job.prep, m, k)
-            per.append((alpha, m, mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0)))
+            per.append((alpha, m, mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0, self.confidence_cuts)))
         res.append(per)
     return res
 
