@@ -29,6 +29,7 @@ class Knobs:
     smooth: float = 0.7         # Gaussian smoothing of the map (sigma in latent pixels)
     threshold: float|str = "otsu" # mask = normalised map > threshold (a number in [0, 1], or "otsu": Otsu's threshold)
     fill_holes: bool = True     # fill holes inside the binary mask
+    region_ratio: float = 0.0   # drop the mask's separate regions whose mean map is below this fraction of the strongest region's (0: keep every region)
     refine: bool = True         # snap the mask to the image's edges (guided filter, `03_mask`)
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
     start: float = 0.8          # noise level the edit starts from (the DiffEdit encoding ratio; 1 = pure noise, 0.5 = halfway)
@@ -51,7 +52,7 @@ def _number(v): return isinstance(v, Real) and not isinstance(v, bool)
 
 def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS.n, level=DEFAULTS.mask_strength,
                     clamp=DEFAULTS.clamp, batch_size=None, smooth=DEFAULTS.smooth, fill_holes=DEFAULTS.fill_holes,
-                    refine=DEFAULTS.refine):
+                    refine=DEFAULTS.refine, region_ratio=DEFAULTS.region_ratio):
     "Raise a ValueError naming the first mask knob out of range."
     if not _int_at_least(n, 1): raise ValueError(f"n must be an integer >= 1 (noise draws); got {n!r}.")
     if threshold != "otsu" and not (_number(threshold) and 0 <= threshold <= 1):
@@ -61,6 +62,8 @@ def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS
     if clamp is not None and not (_number(clamp) and clamp > 0): raise ValueError(f"clamp must be > 0 or None; got {clamp!r}.")
     if not (_number(smooth) and smooth >= 0): raise ValueError(f"smooth must be >= 0 (sigma in latent pixels, 0 = none); got {smooth!r}.")
     if batch_size is not None and not _int_at_least(batch_size, 1): raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}.")
+    if not (_number(region_ratio) and 0 <= region_ratio <= 1):
+        raise ValueError(f"region_ratio must be in [0, 1] (a fraction of the strongest region's mean map; 0 = keep every region); got {region_ratio!r}.")
     for name, v in (("fill_holes", fill_holes), ("refine", refine)):
         if not (isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b"): raise ValueError(f"{name} must be True or False; got {v!r}.")
 
@@ -87,7 +90,7 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
     "Check every knob of an edit: a ValueError naming the first one out of range."
     k = knobs
     check_mask_args(threshold=k.threshold, blur=k.blur, n=k.n, level=k.mask_strength, clamp=k.clamp, batch_size=batch_size,
-                    smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine)
+                    smooth=k.smooth, fill_holes=k.fill_holes, refine=k.refine, region_ratio=k.region_ratio)
     check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
                        sampler=k.sampler, spacing=k.spacing)
     if not isinstance(k.removal_prompt, str): raise ValueError(f"removal_prompt must be a string (the words for an empty scene); got {k.removal_prompt!r}.")

@@ -32,12 +32,13 @@ class Explorer:
         "The normalised map (h, w) with this smoothing (default: the knobs')."
         return finish_map(self.raw, self.k.smooth if smooth is None else smooth, self.k.clamp).cpu().numpy()
 
-    def alpha(self, threshold=None, smooth=None, blur=None, refine=None, fill_holes=None)->np.ndarray:
+    def alpha(self, threshold=None, smooth=None, blur=None, refine=None, fill_holes=None, region_ratio=None)->np.ndarray:
         "The blending weight the edit would use with these mask knobs (None: the knobs'), at the mask's size."
         k = self.k
         m = resize_map(self.map(smooth), self.image.shape[1::-1])
         return refine_mask(m, k.threshold if threshold is None else threshold, k.fill_holes if fill_holes is None else fill_holes,
-                           k.blur if blur is None else blur, image=self.image if (k.refine if refine is None else refine) else None, cell=self.cell)
+                           k.blur if blur is None else blur, image=self.image if (k.refine if refine is None else refine) else None, cell=self.cell,
+                           region_ratio=k.region_ratio if region_ratio is None else region_ratio)
 
     def mask(self, **mask_knobs)->Image.Image:
         "The mask (mode L, at the input's size) with these mask knobs."
@@ -46,7 +47,7 @@ class Explorer:
     def edit(self, mask_image=None, **knobs):
         "The edit with `mask_image` (default: the mask at the knobs'), reusing the cached encoding and inversion."
         return self.de(self.prep.original, ref=self.ref, query=self.query, mask_image=self.mask() if mask_image is None else mask_image,
-                       seed=self.seed, progress=False, **{k: v for k, v in self.k.__dict__.items() if k not in ("threshold", "smooth", "blur", "refine", "fill_holes")} | knobs)
+                       seed=self.seed, progress=False, **{k: v for k, v in self.k.__dict__.items() if k not in ("threshold", "smooth", "blur", "refine", "fill_holes", "region_ratio")} | knobs)
 
 # %% ../nbs/13_explore.ipynb #d1542cb9
 @patch

@@ -16,8 +16,8 @@ from .defaults import DEFAULTS, check_mask_args
 from .noise import noise_latents
 
 # %% auto #0
-__all__ = ['mask_map', 'finish_map', 'resize_map', 'otsu_threshold', 'refine_mask', 'latent_mask', 'show_thresholds',
-           'show_blurs', 'snap_mask', 'map_separation', 'refine_edges']
+__all__ = ['mask_map', 'finish_map', 'resize_map', 'otsu_threshold', 'strongest_regions', 'refine_mask', 'latent_mask',
+           'show_thresholds', 'show_blurs', 'snap_mask', 'map_separation', 'refine_edges']
 
 # %% ../nbs/03_mask.ipynb #cb4f758d
 @torch.no_grad()
@@ -68,19 +68,31 @@ def otsu_threshold(mask_map:np.ndarray, # (H, W) map in [0, 1]
     "Otsu's threshold of a map (OpenCV): the one that best separates its values into two groups."
     return cv2.threshold((mask_map * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0] / 255
 
+def strongest_regions(mask_map:np.ndarray, # (H, W) map in [0, 1]
+                      binary:np.ndarray, # (H, W) bool mask
+                      ratio:float, # keep a region whose mean map is at least this fraction of the strongest region's
+                     )->np.ndarray: # (H, W) bool
+    "The mask's separate regions (8-connected, OpenCV) whose mean map is at least `ratio` of the strongest region's; all of them for `ratio` 0."
+    n, lab = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
+    if ratio <= 0 or n <= 2: return binary
+    mean = np.bincount(lab.ravel(), weights=mask_map.ravel(), minlength=n)[1:] / np.bincount(lab.ravel(), minlength=n)[1:]
+    return np.isin(lab, 1 + np.flatnonzero(mean >= ratio * mean.max()))
+
 def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
                 threshold:float=DEFAULTS.threshold, # keep pixels above this ("otsu": `otsu_threshold`)
                 fill_holes:bool=DEFAULTS.fill_holes, # fill holes inside the mask (SciPy)
                 blur:int=DEFAULTS.blur, # Gaussian kernel size for feathering, 0 = none (OpenCV)
                 image:np.ndarray|None=None, # uint8 (H, W, 3): snap the mask to this image's edges (`refine_edges`); None: don't
                 cell:float=8., # image pixels per latent pixel (for `refine_edges`)
+                region_ratio:float=DEFAULTS.region_ratio, # drop regions whose mean map is below this fraction of the strongest's (`strongest_regions`; 0: none)
                )->np.ndarray: # (H, W) float32 alpha in [0, 1]; the mask is alpha > 0
     "Threshold, fill, snap to the image's edges and feather a difference map into the blending weight of the edit."
-    check_mask_args(threshold=threshold, blur=blur)
+    check_mask_args(threshold=threshold, blur=blur, region_ratio=region_ratio)
     if threshold == "otsu": threshold = otsu_threshold(mask_map)
     binary = mask_map > threshold
     if fill_holes: binary = binary_fill_holes(binary)
     if image is not None: binary = refine_edges(image, mask_map, binary, threshold, cell)[0]
+    if region_ratio > 0: binary = strongest_regions(mask_map, binary, region_ratio)  # after the snap: each region a whole object, its mean unbiased by the threshold
     alpha = binary.astype(np.float32)
     if blur > 0:
         k = blur | 1  # OpenCV needs an odd kernel size

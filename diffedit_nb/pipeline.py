@@ -345,7 +345,8 @@ def sd_predict_rows(sd:SDComponents, x, t, e, sizes:list)->list:
 def _alpha(self:DiffEdit, prep:Prepared, m:torch.Tensor, k:Knobs)->np.ndarray:
     "The blending weight at the mask's size from a map: threshold, fill, snap to the image's edges, feather."
     img, cell = self._mask_image_at(prep)
-    return refine_mask(resize_map(m, img.shape[1::-1]), k.threshold, k.fill_holes, k.blur, image=img if k.refine else None, cell=cell)
+    return refine_mask(resize_map(m, img.shape[1::-1]), k.threshold, k.fill_holes, k.blur, image=img if k.refine else None, cell=cell,
+                       region_ratio=k.region_ratio)
 
 def _given_alpha(self:DiffEdit, prep:Prepared, mask, k:Knobs, snap:bool)->np.ndarray:
     "A user's mask at the mask's size; snapped to the image's edges only when asked (`refine=True` given)."
@@ -398,6 +399,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels)
           threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULT, # fill holes in the mask
+          region_ratio:float=DEFAULT, # drop mask regions whose mean map is below this fraction of the strongest's (0: keep all)
           refine:bool=DEFAULT, # snap the mask to the image's edges
           blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           steps:int=DEFAULT, # schedule length (sets the mask timestep)
@@ -471,6 +473,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels); 0: none
           threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULT, # fill holes in the mask
+          region_ratio:float=DEFAULT, # drop mask regions whose mean map is below this fraction of the strongest's (0: keep all)
           refine:bool=DEFAULT, # snap the mask to the image's edges
           blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           start:float=DEFAULT, # noise level the edit starts from (0.5 = halfway)
