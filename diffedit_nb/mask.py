@@ -73,8 +73,9 @@ def strongest_regions(mask_map:np.ndarray, # (H, W) map in [0, 1]
                       ratio:float, # keep a region whose mean map is at least this fraction of the strongest region's
                      )->np.ndarray: # (H, W) bool
     "The mask's separate regions (8-connected, OpenCV) whose mean map is at least `ratio` of the strongest region's; all of them for `ratio` 0."
+    if ratio <= 0: return binary
     n, lab = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
-    if ratio <= 0 or n <= 2: return binary
+    if n <= 2: return binary
     mean = np.bincount(lab.ravel(), weights=mask_map.ravel(), minlength=n)[1:] / np.bincount(lab.ravel(), minlength=n)[1:]
     return np.isin(lab, 1 + np.flatnonzero(mean >= ratio * mean.max()))
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import re, sys, json, hashlib, difflib, warnings
 from collections import OrderedDict
+from numbers import Real
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from pathlib import Path
@@ -97,7 +98,10 @@ def _load_vocabulary(model)->dict|None:
 def _load_confidence(model)->dict|None:
     "The confidence cut-offs a model folder carries for itself (`confidence.json`: {\"cuts\": {sign: [doubtful below, typical]}}), checked; or None."
     f = Path(str(model)).expanduser()/CONFIDENCE_FILE
-    return check_cuts(json.loads(f.read_text()).get("cuts"), f) if f.is_file() else None
+    if not f.is_file(): return None
+    try: d = json.loads(f.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
+    return check_cuts(d.get("cuts") if isinstance(d, dict) else d, f)
 
 def _load_knobs(model)->tuple:
     "The knobs a model folder carries for itself (`diffedit.json`, checked) and the file's path; ({}, '') if it has none."
@@ -269,7 +273,7 @@ def check_cuts(cuts, where:str|Path="confidence_cuts")->dict:
     out = {}
     for k in signs:
         v = cuts[k]
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v) and v[0] < v[1]):
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, Real) and not isinstance(x, bool) and np.isfinite(x) for x in v) and v[0] < v[1]):
             raise ValueError(f"{where}: {k} must be two numbers [doubtful below, typical of a good mask], the first smaller; got {v!r}.")
         out[k] = (float(v[0]), float(v[1]))
     return out
