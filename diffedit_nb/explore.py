@@ -15,7 +15,7 @@ from .mask import finish_map, resize_map, refine_mask
 from .pipeline import DiffEdit, _Job, _mask_image
 
 # %% auto #0
-__all__ = ['Explorer', 'ExploreWidget']
+__all__ = ['MASK_CONTROLS', 'Explorer', 'ExploreWidget']
 
 # %% ../nbs/13_explore.ipynb #398cff11
 class Explorer:
@@ -69,6 +69,8 @@ def _png(a)->bytes:
     im = a if isinstance(a, Image.Image) else Image.fromarray(np.asarray(a if np.asarray(a).dtype == np.uint8 else np.clip(np.asarray(a) * 255, 0, 255).astype(np.uint8)))
     buf = io.BytesIO(); im.save(buf, "PNG"); return buf.getvalue()
 
+MASK_CONTROLS = ("otsu", "threshold", "smooth", "blur", "refine", "region_ratio")  # the sliders that redraw the mask at once
+
 class ExploreWidget:
     "The live controls of `DiffEdit.explore`: sliders for the mask and the edit, four pictures, an Edit button."
     def __init__(self, ex:Explorer, side:int=192):
@@ -85,22 +87,24 @@ class ExploreWidget:
             smooth=W.FloatSlider(value=k.smooth, min=0, max=3, step=0.1, description="smooth"),
             blur=W.IntSlider(value=k.blur, min=0, max=31, step=1, description="blur"),
             refine=W.Checkbox(value=k.refine, description="snap to edges"),
+            region_ratio=W.FloatSlider(value=k.region_ratio, min=0, max=1, step=0.05, description="regions"),
             start=W.FloatSlider(value=k.start, min=0.1, max=1, step=0.05, description="start"),
             steps=W.IntSlider(value=k.steps, min=1, max=100, step=1, description="steps"),
             guidance_scale=W.FloatSlider(value=k.guidance_scale if k.guidance_scale is not None else ex.de.sd.default_guidance, min=0, max=20, step=0.5, description="guidance"))
         self.button, self.status = W.Button(description="Edit", button_style="primary"), W.Label()
         self.up = up
-        for name in ("otsu", "threshold", "smooth", "blur", "refine"): self.controls[name].observe(lambda _: self.redraw(), names="value")
+        for name in MASK_CONTROLS: self.controls[name].observe(lambda _: self.redraw(), names="value")
         self.button.on_click(lambda _: self.run_edit())
         self.redraw()
         self.box = W.VBox([W.HBox([W.VBox([W.Label(n), p]) for n, p in self.pictures.items()]),
-                           W.HBox([W.VBox([self.controls[n] for n in ("otsu", "threshold", "smooth", "blur", "refine")]),
+                           W.HBox([W.VBox([self.controls[n] for n in MASK_CONTROLS]),
                                    W.VBox([self.controls[n] for n in ("start", "steps", "guidance_scale")] + [self.button, self.status])])])
 
     def mask_knobs(self)->dict:
         c = self.controls
         c["threshold"].disabled = c["otsu"].value
-        return dict(threshold="otsu" if c["otsu"].value else c["threshold"].value, smooth=c["smooth"].value, blur=c["blur"].value, refine=c["refine"].value)
+        return dict(threshold="otsu" if c["otsu"].value else c["threshold"].value, smooth=c["smooth"].value, blur=c["blur"].value, refine=c["refine"].value,
+                    region_ratio=c["region_ratio"].value)
 
     def redraw(self)->float:
         "Draw the map and the mask at the sliders' values; the seconds it took."

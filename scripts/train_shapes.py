@@ -30,7 +30,9 @@ BASE = INIT = shapes_model_path()
 HERE = Path(os.environ.get("TRAIN_SHAPES_DIR", ".")).resolve()
 CKPT, OUT, LOG = HERE / "ckpt.pt", HERE / "shapes", HERE / "train.log"
 RECIPE = dict(n_rich=36000, n_orig=12000, steps=9000, bs=32, lr=3e-4, warmup=100, wd=0.01, ema=0.999, p_uncond=0.1,
-              clip=1.0, seed=11, threads=1)
+              clip=1.0, seed=11, threads=1, p_objects=None, rich_seed=2_000_000)
+# p_objects: the shares of rich scenes with 0, 1, 2 objects (None: rich_scene's own draw, 15/60/25 %);
+# rich_seed: the first rich scene's seed (a phase with its own mix takes its own scenes, e.g. 3,000,000)
 
 def log(msg):
     line = f"{time.strftime('%H:%M:%S')} {msg}"; print(line, flush=True)
@@ -44,7 +46,9 @@ def data():
     f = HERE / "data.pt"
     if f.exists(): return torch.load(f)
     t0 = time.time()
-    scs = [rich_scene(2_000_000 + i) for i in range(RECIPE["n_rich"])] + [scene(1_000_000 + i) for i in range(RECIPE["n_orig"])]
+    p, r0 = RECIPE["p_objects"], RECIPE["rich_seed"]
+    count = lambda s: None if p is None else int(np.random.default_rng([s, 1]).choice(3, p=p))
+    scs = [rich_scene(r0 + i, n=count(r0 + i)) for i in range(RECIPE["n_rich"])] + [scene(1_000_000 + i) for i in range(RECIPE["n_orig"])]
     imgs, caps = images(scs), [s.caption for s in scs]
     vae = AutoencoderKL.from_pretrained(BASE, subfolder="vae").eval()
     mean, std, _ = latent_stats(vae, imgs)
@@ -123,8 +127,9 @@ def save(folder):
     folder = Path(folder); tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(tmp, vae, te, tok, unet)
-    for extra in ("vocabulary.json", "diffedit.json"):
-        if (BASE / extra).exists(): shutil.copy(BASE / extra, tmp / extra)
+    for extra in ("vocabulary.json", "diffedit.json", "confidence.json"):  # the starting model's, else the first model's
+        src = INIT / extra if (INIT / extra).exists() else BASE / extra
+        if src.exists(): shutil.copy(src, tmp / extra)
     old = json.loads((INIT / "train_log.json").read_text())
     l = ck["losses"]; phase = "finetune" if "finetune" not in old else f"finetune{sum(k.startswith('finetune') for k in old) + 1}"
     (tmp / "train_log.json").write_text(json.dumps(dict(old, **{phase: dict(RECIPE, stop=ck["step"],
@@ -139,7 +144,16 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default the recipe's)")
     ap.add_argument("--seed", type=int, default=None, help="the batches' and noises' seed (give each phase its own; default the recipe's)")
     ap.add_argument("--init", type=Path, default=None, help="a shapes-format folder to start the UNet and text encoder from")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default the recipe's 1)")
+    ap.add_argument("--p-objects", default=None, help="shares of rich scenes with 0,1,2 objects, e.g. 0.1,0.4,0.5")
+    ap.add_argument("--rich-seed", type=int, default=None, help="the first rich scene's seed (default 2,000,000)")
+    ap.add_argument("--n-rich", type=int, default=None); ap.add_argument("--n-orig", type=int, default=None)
     a = ap.parse_args(); HERE.mkdir(parents=True, exist_ok=True)
+    if a.threads: RECIPE["threads"] = a.threads
+    if a.p_objects: RECIPE["p_objects"] = [float(x) for x in a.p_objects.split(",")]
+    if a.rich_seed is not None: RECIPE["rich_seed"] = a.rich_seed
+    if a.n_rich is not None: RECIPE["n_rich"] = a.n_rich
+    if a.n_orig is not None: RECIPE["n_orig"] = a.n_orig
     if a.steps: RECIPE["steps"] = a.steps
     if a.lr: RECIPE["lr"] = a.lr
     if a.seed is not None: RECIPE["seed"] = a.seed
