@@ -51,7 +51,7 @@ def _parser():
     knob("--smooth", "Gaussian smoothing of the map, latent pixels", type=float)
     knob("--blur", "mask feathering kernel size in pixels", type=int)
     k.add_argument("--no-fill-holes", dest="fill_holes", action="store_const", const=False, default=DEFAULT, help="do not fill holes in the mask")
-    knob("--region-ratio", "drop the mask's separate regions whose mean map is below this fraction of the strongest region's, in [0, 1] (0: keep every region)", type=float)
+    knob("--region-ratio", "drop the mask's separate regions whose strength (mean map x sqrt(pixels)) is below this fraction of the strongest region's, in [0, 1] (0: keep every region)", type=float)
     k.add_argument("--no-refine", dest="refine", action="store_const", const=False, default=DEFAULT, help="do not snap the mask to the image's edges")
     knob("--start", "noise level the edit starts from, in (0, 1] (1 = pure noise)", type=float)
     knob("--steps", "steps of the full schedule", type=int)

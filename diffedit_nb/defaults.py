@@ -29,7 +29,7 @@ class Knobs:
     smooth: float = 0.7         # Gaussian smoothing of the map (sigma in latent pixels)
     threshold: float|str = "otsu" # mask = normalised map > threshold (a number in [0, 1], or "otsu": Otsu's threshold)
     fill_holes: bool = True     # fill holes inside the binary mask
-    region_ratio: float = 0.0   # drop the mask's separate regions whose mean map is below this fraction of the strongest region's (0: keep every region)
+    region_ratio: float = 0.0   # drop the mask's separate regions whose strength (mean map x sqrt(pixels)) is below this fraction of the strongest region's (0: keep every region)
     refine: bool = True         # snap the mask to the image's edges (guided filter, `03_mask`)
     blur: int = 0               # feather the mask with a Gaussian of this kernel size (working-size pixels)
     start: float = 0.8          # noise level the edit starts from (the DiffEdit encoding ratio; 1 = pure noise, 0.5 = halfway)
@@ -63,7 +63,7 @@ def check_mask_args(threshold=DEFAULTS.threshold, blur=DEFAULTS.blur, n=DEFAULTS
     if not (_number(smooth) and smooth >= 0): raise ValueError(f"smooth must be >= 0 (sigma in latent pixels, 0 = none); got {smooth!r}.")
     if batch_size is not None and not _int_at_least(batch_size, 1): raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}.")
     if not (_number(region_ratio) and 0 <= region_ratio <= 1):
-        raise ValueError(f"region_ratio must be in [0, 1] (a fraction of the strongest region's mean map; 0 = keep every region); got {region_ratio!r}.")
+        raise ValueError(f"region_ratio must be in [0, 1] (a fraction of the strongest region's strength; 0 = keep every region); got {region_ratio!r}.")
     for name, v in (("fill_holes", fill_holes), ("refine", refine)):
         if not (isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b"): raise ValueError(f"{name} must be True or False; got {v!r}.")
 

@@ -70,14 +70,15 @@ def otsu_threshold(mask_map:np.ndarray, # (H, W) map in [0, 1]
 
 def strongest_regions(mask_map:np.ndarray, # (H, W) map in [0, 1]
                       binary:np.ndarray, # (H, W) bool mask
-                      ratio:float, # keep a region whose mean map is at least this fraction of the strongest region's
+                      ratio:float, # keep a region whose strength is at least this fraction of the strongest region's
                      )->np.ndarray: # (H, W) bool
-    "The mask's separate regions (8-connected, OpenCV) whose mean map is at least `ratio` of the strongest region's; all of them for `ratio` 0."
+    "The mask's separate regions (8-connected, OpenCV) whose strength, mean map x sqrt(pixels), is at least `ratio` of the strongest region's; all of them for `ratio` 0."
     if ratio <= 0: return binary
     n, lab = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
     if n <= 2: return binary
-    mean = np.bincount(lab.ravel(), weights=mask_map.ravel(), minlength=n)[1:] / np.bincount(lab.ravel(), minlength=n)[1:]
-    return np.isin(lab, 1 + np.flatnonzero(mean >= ratio * mean.max()))
+    area = np.bincount(lab.ravel(), minlength=n)[1:]
+    strength = np.bincount(lab.ravel(), weights=mask_map.ravel(), minlength=n)[1:] / np.sqrt(area)  # mean x sqrt(area), like a t statistic
+    return np.isin(lab, 1 + np.flatnonzero(strength >= ratio * strength.max()))
 
 def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
                 threshold:float=DEFAULTS.threshold, # keep pixels above this ("otsu": `otsu_threshold`)
@@ -85,7 +86,7 @@ def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
                 blur:int=DEFAULTS.blur, # Gaussian kernel size for feathering, 0 = none (OpenCV)
                 image:np.ndarray|None=None, # uint8 (H, W, 3): snap the mask to this image's edges (`refine_edges`); None: don't
                 cell:float=8., # image pixels per latent pixel (for `refine_edges`)
-                region_ratio:float=DEFAULTS.region_ratio, # drop regions whose mean map is below this fraction of the strongest's (`strongest_regions`; 0: none)
+                region_ratio:float=DEFAULTS.region_ratio, # drop regions whose strength is below this fraction of the strongest's (`strongest_regions`; 0: none)
                )->np.ndarray: # (H, W) float32 alpha in [0, 1]; the mask is alpha > 0
     "Threshold, fill, snap to the image's edges and feather a difference map into the blending weight of the edit."
     check_mask_args(threshold=threshold, blur=blur, region_ratio=region_ratio)
@@ -93,7 +94,7 @@ def refine_mask(mask_map:np.ndarray, # (H, W) map in [0, 1] at image size
     binary = mask_map > threshold
     if fill_holes: binary = binary_fill_holes(binary)
     if image is not None: binary = refine_edges(image, mask_map, binary, threshold, cell)[0]
-    if region_ratio > 0: binary = strongest_regions(mask_map, binary, region_ratio)  # after the snap: each region a whole object, its mean unbiased by the threshold
+    if region_ratio > 0: binary = strongest_regions(mask_map, binary, region_ratio)  # after the snap: each region a whole object, its map unbiased by the threshold
     alpha = binary.astype(np.float32)
     if blur > 0:
         k = blur | 1  # OpenCV needs an odd kernel size

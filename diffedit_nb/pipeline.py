@@ -403,7 +403,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels)
           threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULT, # fill holes in the mask
-          region_ratio:float=DEFAULT, # drop mask regions whose mean map is below this fraction of the strongest's (0: keep all)
+          region_ratio:float=DEFAULT, # drop mask regions whose strength (mean map x sqrt(pixels)) is below this fraction of the strongest's (0: keep all)
           refine:bool=DEFAULT, # snap the mask to the image's edges
           blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           steps:int=DEFAULT, # schedule length (sets the mask timestep)
@@ -477,7 +477,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           smooth:float=DEFAULT, # Gaussian smoothing of the map (sigma, latent pixels); 0: none
           threshold:float|str=DEFAULT, # binarise the normalised map above this ("otsu": automatic)
           fill_holes:bool=DEFAULT, # fill holes in the mask
-          region_ratio:float=DEFAULT, # drop mask regions whose mean map is below this fraction of the strongest's (0: keep all)
+          region_ratio:float=DEFAULT, # drop mask regions whose strength (mean map x sqrt(pixels)) is below this fraction of the strongest's (0: keep all)
           refine:bool=DEFAULT, # snap the mask to the image's edges
           blur:int=DEFAULT, # feather the mask (Gaussian kernel size, in pixels of the mask's size)
           start:float=DEFAULT, # noise level the edit starts from (0.5 = halfway)
