@@ -13,6 +13,8 @@ Usage (diffedit_nb installed; files go to $TRAIN_SHAPES_DIR, default the current
   --seed N: the batches' and noises' seed (a second phase with the first phase's seed repeats its batches).
   --init FOLDER: start the UNet and text encoder from another shapes-format folder (e.g. an earlier run's `shapes/`,
   for a second phase with its own --lr and --steps); the VAE and tokenizer always come from the bundled model.
+  --p-objects 0.1,0.4,0.5 --rich-seed 3000000 --n-rich N --n-orig N: a phase with its own scene mix (shares of 0/1/2-object
+  scenes) on its own scenes; --threads N: torch threads (1 unless the cores are free: 2 threads on a busy core crawl).
 Training seeds: rich scenes from 2,000,000, original scenes from 1,000,000 (held-out and tuning seeds are < 1,000).
 """
 from __future__ import annotations
