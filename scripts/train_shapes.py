@@ -45,8 +45,11 @@ def images(scs):
 
 def data():
     "Render the training scenes and encode them once with the bundled VAE (cached in data.pt)."
-    f = HERE / "data.pt"
-    if f.exists(): return torch.load(f)
+    f = HERE / "data.pt"; mix = {k: RECIPE[k] for k in ("n_rich", "n_orig", "p_objects", "rich_seed")}
+    if f.exists():
+        d = torch.load(f)
+        if d.get("mix", mix) != mix: sys.exit(f"{f} holds scenes of another mix ({d['mix']}, this run asks {mix}): use another $TRAIN_SHAPES_DIR, or delete it.")
+        return d
     t0 = time.time()
     p, r0 = RECIPE["p_objects"], RECIPE["rich_seed"]
     count = lambda s: None if p is None else int(np.random.default_rng([s, 1]).choice(3, p=p))
@@ -54,7 +57,7 @@ def data():
     imgs, caps = images(scs), [s.caption for s in scs]
     vae = AutoencoderKL.from_pretrained(BASE, subfolder="vae").eval()
     mean, std, _ = latent_stats(vae, imgs)
-    d = dict(mean=mean, std=std, caps=caps, sf=vae.config.scaling_factor)
+    d = dict(mean=mean, std=std, caps=caps, sf=vae.config.scaling_factor, mix=mix)
     torch.save(d, f); log(f"data: {len(caps)} scenes rendered and encoded in {time.time() - t0:.0f} s")
     return d
 
