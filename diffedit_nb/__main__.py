@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from . import __version__
 from dataclasses import asdict, replace
-from .defaults import DEFAULT, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, KNOBS, Knobs, check_knobs, write_atomic
+from .defaults import DEFAULT, DEFAULT_MODEL, BACKGROUNDS, SAMPLERS, SPACINGS, PAINTERS, KNOBS, Knobs, check_knobs, write_atomic
 
 # %% auto #0
 __all__ = ['CLIError', 'save_image', 'main']
@@ -38,6 +38,9 @@ def _parser():
     p.add_argument("--remove", metavar="TEXT", help="remove what TEXT describes (e.g. 'a red circle'), filling it with what is around it; instead of --ref/--query")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
                    f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3', 'shapes-rich'); default {DEFAULT_MODEL}")
+    p.add_argument("--inpaint", default=DEFAULT, metavar="MODEL", help="an inpainting model to repaint the mask with (hub id or folder of SD or SDXL "
+                   "inpainting or Flux Fill, or 'shapes-inpaint'): it fills the whole mask and fits it to what is around; the mask still comes from --model "
+                   "(default: the one the model's diffedit.json names: shapes-inpaint for the bundled SD-layout models; --painter diffedit: the paper's repaint)")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
     p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL, SD3, Flux)")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
@@ -62,6 +65,7 @@ def _parser():
     knob("--negative-prompt", "negative prompt of the guidance (generic default: the empty prompt; --remove: the removed object's)")
     knob("--removal-prompt", "with --remove: the model's words for an empty scene (default: the model's; the empty prompt)")
     knob("--removal-start", "with --remove: noise level the repaint of the pre-filled hole starts from, in [0, 1] (0: the pre-fill alone)", type=float)
+    knob("--painter", "who repaints the mask: 'inpaint' (the inpainting model, where one is loaded) or 'diffedit' (the paper's text-to-image repaint)", choices=PAINTERS)
     p.add_argument("--show-defaults", action="store_true", help="print the knobs an edit with --model would use and where each comes from, and exit")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda (Flux: bfloat16), float32 on cpu")
@@ -97,13 +101,16 @@ def _one_line(msg)->str: return " ".join(str(msg).split())
 
 def _show_defaults(model:str)->str:
     "The knobs an edit with `model` would use and where each comes from, read from its configs and `diffedit.json` (no weights)."
-    from diffedit_nb.pipeline import _resolve_model, _load_knobs
+    from diffedit_nb.pipeline import resolve_model, load_knobs
     from diffedit_nb.components import read_variant
     from diffedit_nb.defaults import resolve_knobs, VARIANTS
-    m = _resolve_model(model)
+    m = resolve_model(model)
     variant = read_variant(m)
-    knobs, source = _load_knobs(m)
+    knobs, source = load_knobs(m)
     import diffedit_nb; pkg = Path(diffedit_nb.__file__).resolve().parent  # a bundled model's file: named inside the package, not by this machine's path
+    from diffedit_nb.components import cache_dir
+    built = (cache_dir() / "models").resolve()  # a bundled model assembled from its parts on first use: its diffedit.json is the package's
+    if source and Path(source).resolve().is_relative_to(built): source = str(Path(pkg.name) / "models" / Path(source).resolve().parent.name.rsplit("-", 1)[0] / Path(source).name)
     if source and Path(source).resolve().is_relative_to(pkg): source = str(Path(pkg.name) / Path(source).resolve().relative_to(pkg))
     return f"{model}: {VARIANTS[variant]} ({variant})\n{resolve_knobs(folder=knobs, variant=variant, folder_source=source)}"
 
@@ -129,7 +136,8 @@ def _check_prompts(ref:str, query:str):
 
 def _load(a, device=None):
     from diffedit_nb.pipeline import DiffEdit  # the model libraries: seconds to import
-    return DiffEdit.from_pretrained(a.model, device=a.device or device, dtype=a.dtype, resolution=a.resolution, **({"vae": a.vae} if a.vae else {}))
+    return DiffEdit.from_pretrained(a.model, device=a.device or device, dtype=a.dtype, resolution=a.resolution, inpaint=a.inpaint,
+                                    **({"vae": a.vae} if a.vae else {}))
 
 def _main_batch(a, given:dict)->int:
     "Edit several inputs, a folder or a manifest into the folder `a.out`."
@@ -184,13 +192,14 @@ def _app(argv:list)->int:
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="a public gradio.live link (Colab)")
+    p.add_argument("--inpaint", default=DEFAULT, metavar="MODEL", help="an inpainting model to repaint the mask with (as `diffedit --inpaint`)")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     a = p.parse_args(argv)
     try: import gradio  # noqa: F401
     except ImportError:
         print("diffedit: error: the app needs Gradio: pip install 'diffedit_nb[app]'", file=sys.stderr); return 1
     from diffedit_nb.app import serve
-    try: serve(a.model, a.host, a.port, a.share, a.device, a.dtype)
+    try: serve(a.model, a.host, a.port, a.share, a.device, a.dtype, inpaint=a.inpaint)
     except KeyboardInterrupt: return 0
     except Exception as e:
         print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr); return 1

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import cv2
 from PIL import Image
-from .pipeline import DiffEdit, _queries
+from .pipeline import DiffEdit, as_queries
+from .defaults import DEFAULT
 from .explore import Explorer
 
 # %% auto #0
@@ -146,10 +147,12 @@ def build_app(de:DiffEdit, # the model to edit with
     app.close = close_and_clean
     return app
 
-def serve(model:str="shapes", host:str="127.0.0.1", port:int=7860, share:bool=False, device=None, dtype=None, quiet:bool=False, block:bool=True):
+def serve(model:str="shapes", host:str="127.0.0.1", port:int=7860, share:bool=False, device=None, dtype=None, quiet:bool=False, block:bool=True,
+          inpaint=DEFAULT, # an inpainting model to repaint with (`DiffEdit.from_pretrained(inpaint=)`; default: the model folder's)
+         ):
     "Load `model` and start the app (the bundled shapes model with its examples by default)."
     import importlib.resources
-    de = DiffEdit.from_pretrained(model, device=device, dtype=dtype)
+    de = DiffEdit.from_pretrained(model, device=device, dtype=dtype, inpaint=inpaint)
     ex = importlib.resources.files("diffedit_nb") / "examples"
     examples = [[str(ex / "red_circle.png"), "a red circle", "a blue circle"], [str(ex / "green_triangle.png"), "a green triangle", "a yellow triangle"],
                 [str(ex / "blue_square.png"), "a blue square", "a red square\na yellow square"]] if str(model).startswith("shapes") else None

@@ -13,7 +13,7 @@ from PIL import Image
 from fastcore.basics import patch
 from .defaults import DEFAULT, KNOBS, Knobs, check_knobs, write_atomic
 from .noise import model_scheduler, make_generator
-from .pipeline import DiffEdit, EditResult, CONFIDENCE_WARN, _Job, _result, _queries, _check_prompts, _low_confidence
+from .pipeline import DiffEdit, EditResult, CONFIDENCE_WARN, Job, edit_result, as_queries, check_prompts, warn_low_confidence
 
 # %% auto #0
 __all__ = ['ITEM_KEYS', 'Item', 'as_item', 'item_seed', 'read_manifest', 'process_state', 'plan_outputs', 'run_items']
@@ -144,7 +144,7 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
                 continue
             k = self.knobs(**{**knobs, **it.knobs}); check_knobs(k)
             prep = self._prepare(it.image)
-            job = _Job(prep, it.ref, [it.query], make_generator(item_seed(it, seed)))
+            job = Job(prep, it.ref, [it.query], make_generator(item_seed(it, seed)))
             if it.mask_image is not None: job.given = self._given_alpha(prep, it.mask_image, k, snap={**knobs, **it.knobs}.get("refine") is True)
             groups.setdefault(_group_key(prep, k), []).append((i, job, k))
         except Exception as e:
@@ -157,8 +157,8 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
             edits = self._edit(jobs, masks, k, None, progress)
             for i, job, m, e in zip(idx, jobs, masks, edits):
                 (alpha, mm, conf), = m
-                _low_confidence(conf, job.ref, job.queries[0])
-                out[i] = _result(job.prep, alpha, mm, conf, k, e[0])
+                warn_low_confidence(conf, job.ref, job.queries[0])
+                out[i] = edit_result(job.prep, alpha, mm, conf, k, e[0])
         except Exception as e:
             if errors == "raise": raise
             for i in idx: out[i] = e

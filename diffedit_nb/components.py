@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_components.ipynb #045b3407
 from __future__ import annotations
-import os, json, math, importlib.util, importlib.resources, tempfile, warnings
-from dataclasses import dataclass
+import os, json, math, shutil, hashlib, functools, importlib, importlib.util, importlib.resources, tempfile, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, FluxTransformer2DModel
@@ -15,10 +15,10 @@ from transformers.utils import logging as tf_logging
 from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant
 
 # %% auto #0
-__all__ = ['FAMILIES', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype',
-           'resolve_device_dtype', 'model_family', 'check_model_folder', 'check_model_source', 'load_sd',
-           'read_variant', 'shapes_model_path', 'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd',
-           'save_sd']
+__all__ = ['FAMILIES', 'PARTS_FILE', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents',
+           'default_device_dtype', 'resolve_device_dtype', 'model_family', 'check_model_folder', 'check_model_source',
+           'load_sd', 'read_variant', 'cache_dir', 'shapes_model_path', 'clip_tokenizer', 'write_clip_tokenizer',
+           'tiny_sd', 'random_sd', 'save_sd']
 
 # %% ../nbs/00_components.ipynb #a600d90c
 FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3/3.5", "flux": "Flux.1 (dev, schnell)"}
@@ -38,6 +38,7 @@ class SDComponents:
     text_encoder_3: torch.nn.Module|None = None # SD3's T5 encoder; None: zeros in its place, as diffusers does
     tokenizer_3: object = None
     max_sequence_length: int = 256 # T5 tokens (SD3: zeros without T5; Flux-dev: 512)
+    _blank: dict = field(default_factory=dict, repr=False, compare=False) # `inpaint_cond` of the whole image masked, per latent size
 
     @property
     def family(self)->str:
@@ -58,6 +59,17 @@ class SDComponents:
         return 3.5 if self.transformer.config.guidance_embeds else 0.
     @property
     def denoiser(self): return self.unet if self.unet is not None else self.transformer
+    @property
+    def inpaint_channels(self)->int:
+        "Input channels an inpainting denoiser takes beside the latents: 5 for SD/SDXL inpainting (mask, masked-image latents), Flux Fill's packed mask and masked image; 0 for text-to-image."
+        lc = self.vae.config.latent_channels
+        if self.family == "flux": return self.transformer.config.in_channels - 4 * lc
+        if self.family == "sd3": return 0
+        return self.unet.config.in_channels - lc
+    @property
+    def inpaint(self)->bool:
+        "Whether the denoiser is an inpainting model (SD/SDXL inpainting, Flux Fill): it is shown the mask and the masked image."
+        return self.inpaint_channels > 0
     @property
     def variant(self)->str:
         "The variant whose published defaults apply (`defaults.FAMILY_DEFAULTS`): 'sd', 'sd2', 'sdxl', 'sd3', 'sd35-medium', 'sd35-large', 'flux-dev', 'flux-schnell'."
@@ -103,8 +115,12 @@ class SDComponents:
                 t, # timestep
                 emb:torch.Tensor, # (B or 1, tokens, d) prompt embeddings (`embed_prompts`)
                 guidance:float|None=None, # Flux-dev's embedded guidance (None: `default_guidance`); ignored by the others
+                cond:torch.Tensor|None=None, # an inpainting model's extra channels (`inpaint_cond`, (B or 1, C, h, w)); None: the whole image masked
                )->torch.Tensor: # the model's output (epsilon, v, or the flow's velocity, as the model predicts)
-        "The denoiser's prediction, with the family's extra inputs: the pooled prompt vector, SDXL's size/crop ids, Flux's packing."
+        "The denoiser's prediction, with the family's extra inputs: the pooled prompt vector, SDXL's size/crop ids, Flux's packing, an inpainting model's mask."
+        if self.inpaint:  # text-to-image use of an inpainting model (DiffEdit's mask, inversion): the whole image masked, as its training did
+            c = self.blank_cond(*x.shape[-2:]) if cond is None else cond
+            x = torch.cat([x, c.to(x.device, x.dtype).expand(len(x), -1, -1, -1)], 1)
         if self.family == "sd": return self.unet(x, t, encoder_hidden_states=emb).sample
         k = self.pooled_rows
         hidden, pooled = emb[:, :-k], emb[:, -k:].flatten(1)[:, :self.pooled_dim]
@@ -116,7 +132,7 @@ class SDComponents:
         ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=emb.dtype).expand(len(emb), -1)
         return self.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=dict(text_embeds=pooled, time_ids=ids)).sample
     def _predict_flux(self, x, t, hidden, pooled, guidance):
-        "Flux: latents packed in 2x2 patches with their (0, row, column) position ids, timestep in [0, 1], guidance as an input."
+        "Flux: latents packed in 2x2 patches with their (0, row, column) position ids, timestep in [0, 1], guidance as an input; Flux Fill's extra channels packed the same way after them."
         (b, c, h, w), tr = x.shape, self.transformer
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * w // 2, c * 4)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
@@ -127,7 +143,38 @@ class SDComponents:
         out = tr(hidden_states=packed, timestep=torch.as_tensor(t, device=x.device).expand(b).to(x.dtype) / 1000, guidance=g,
                  pooled_projections=pooled.expand(b, -1), encoder_hidden_states=hidden.expand(b, -1, -1),
                  txt_ids=torch.zeros(hidden.shape[1], 3, device=x.device, dtype=x.dtype), img_ids=img_ids.reshape(-1, 3).to(x.dtype)).sample
+        c = out.shape[-1] // 4  # the latents' channels (Flux Fill takes more than it gives)
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    @torch.no_grad()
+    def encode_pixels(self, x:torch.Tensor, # (B, 3, H, W) images in [-1, 1]
+                     )->torch.Tensor: # (B, C, H/f, W/f) scaled latents (the posterior's mean)
+        "Scaled VAE latents of pixel tensors, the VAE run in float32 where it overflows in half precision (SDXL's `force_upcast`)."
+        vae, dt = self.vae, self.vae.dtype
+        up = dt == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if up: vae.to(torch.float32)
+        try: lat = vae.encode(x.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mean
+        finally:
+            if up: vae.to(dt)
+        return ((lat - (vae.config.shift_factor or 0.)) * vae.config.scaling_factor).to(self.device, self.dtype)
+
+    def inpaint_cond(self, image:torch.Tensor, # (B, 3, H, W) the image in [-1, 1], at the working size
+                     mask:torch.Tensor, # (B, 1, H, W) 1 = repaint, 0 = keep
+                    )->torch.Tensor: # (B, inpaint_channels before packing, H/f, W/f)
+        "An inpainting model's extra inputs, as diffusers' inpainting pipelines make them: the masked image (its pixels under the mask zeroed) encoded, and the mask."
+        mask = (mask > 0.5).to(image.dtype)
+        lat = self.encode_pixels(image * (1 - mask))
+        f = self.vae_scale_factor
+        if self.family == "flux": return torch.cat([lat, torch.nn.functional.pixel_unshuffle(mask, f).to(lat)], 1)  # FluxFillPipeline's layout
+        return torch.cat([torch.nn.functional.max_pool2d(mask, f).to(lat), lat], 1)  # a latent pixel touching the mask is masked
+
+    def blank_cond(self, h:int, w:int)->torch.Tensor:
+        "`inpaint_cond` of the whole image masked at latent size (h, w): an inpainting model's text-to-image mode (cached)."
+        key = (h, w, str(self.device), str(self.dtype))
+        if key not in self._blank:
+            f = self.vae_scale_factor
+            self._blank[key] = self.inpaint_cond(torch.zeros(1, 3, h * f, w * f), torch.ones(1, 1, h * f, w * f))
+        return self._blank[key]
 
 
 # %% ../nbs/00_components.ipynb #20622a20
@@ -175,9 +222,9 @@ def model_family(index:dict, # the model's `model_index.json`
     supported = "; ".join(f"{v} ({k})" for k, v in FAMILIES.items())
     if has("transformer"):
         if cls.startswith("StableDiffusion3") and has("text_encoder") and has("text_encoder_2"): return "sd3"
-        if cls.startswith("Flux") and any(w in cls for w in ("Fill", "Control", "Kontext", "Redux", "Prior")):
-            raise ValueError(f"{cls} is a Flux variant conditioned on extra image inputs (a control image, a mask, a reference); DiffEdit drives the text-to-image "
-                             "Flux.1 models (FluxPipeline: dev, schnell).")
+        if cls.startswith("Flux") and any(w in cls for w in ("Control", "Kontext", "Redux", "Prior")):
+            raise ValueError(f"{cls} is a Flux variant conditioned on extra image inputs (a control image, a reference); DiffEdit drives the text-to-image "
+                             "Flux.1 models (FluxPipeline: dev, schnell) and Flux Fill (FluxFillPipeline), the inpainting one.")
         if cls.startswith("Flux") and has("text_encoder") and has("text_encoder_2"): return "flux"
         raise ValueError(f"{cls} is a transformer model DiffEdit does not drive; supported: {supported}.")
     if not has("unet"): raise ValueError(f"{cls} has neither a UNet nor a transformer; supported: {supported}.")
@@ -329,18 +376,58 @@ def read_variant(model:str|Path, # hub id or local diffusers folder
     return model_variant(family, sched, den)
 
 # %% ../nbs/00_components.ipynb #4702227e
-_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3", "rich": "shapes_rich"}
+_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3", "rich": "shapes_rich", "inpaint": "shapes_inpaint"}
+PARTS_FILE = "parts.json" # in a bundled model's package folder: what it takes from elsewhere, so that no file ships twice
 
-def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`); "rich": the SD-layout model fine-tuned on scenes of any size, two objects or none (`06_shapes`)
+def _models_dir()->Path: return Path(importlib.resources.files("diffedit_nb")) / "models"
+
+def cache_dir()->Path:
+    "Where diffedit_nb keeps what it builds (`$DIFFEDIT_NB_CACHE`, else `$XDG_CACHE_HOME/diffedit_nb`, else `~/.cache/diffedit_nb`)."
+    if os.environ.get("DIFFEDIT_NB_CACHE"): return Path(os.environ["DIFFEDIT_NB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffedit_nb"
+
+def _fingerprint(paths:list)->str:
+    h = hashlib.sha256()
+    for p in sorted(paths): h.update(str(p).encode()); h.update(p.read_bytes() if p.is_file() else b"")
+    return h.hexdigest()[:16]
+
+@functools.lru_cache(None)
+def _assembled(name:str)->Path:
+    "The complete diffusers folder of a bundled model stored in parts: built once in `cache_dir()` (atomically: two processes starting together both get a whole folder)."
+    src, root = _models_dir() / name, _models_dir()
+    parts = json.loads((src / PARTS_FILE).read_text())
+    build = parts.pop("_build", None)  # a model made from another bundled one (shapes-xl: `sdxl_twin` of shapes)
+    used = list(parts.values()) + ([build["from"]] if build and build.get("from") else [])  # what it is made of, for its fingerprint
+    files = [p for p in src.rglob("*") if p.is_file()] + [f for s in used for f in ([root / s] if (root / s).is_file() else (root / s).rglob("*"))]
+    dest = cache_dir() / "models" / f"{name}-{_fingerprint(files)}"
+    if (dest / "model_index.json").is_file(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
+    try:
+        if build: importlib.import_module(build["module"]).build_bundled(tmp, **build.get("args", {}))  # e.g. diffedit_nb.sdxl
+        for rel, s in parts.items():  # the shared files first; the model's own files (below) override them
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if (root / s).is_dir(): shutil.copytree(root / s, tmp / rel, dirs_exist_ok=True)
+            else: shutil.copy2(root / s, tmp / rel)
+        for f in src.rglob("*"):
+            if f.is_file() and f.name != PARTS_FILE: (tmp / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, tmp / f.relative_to(src))
+        try: os.rename(tmp, dest)  # atomic; if another process got there first, its folder (the same files) is used
+        except OSError:
+            if not (dest / "model_index.json").is_file(): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`); "rich": the SD-layout model fine-tuned on scenes of any size, two objects or none (`06_shapes`); "inpaint": shapes-rich made an inpainting model (`04b_inpaint`)
                      )->Path:
-    "Folder of a small shapes model bundled in the package."
+    "Folder of a small shapes model bundled in the package: the package's own, or built from its parts in `cache_dir()` on first use."
     if family not in _BUNDLED: raise ValueError(f"the bundled shapes models are {list(_BUNDLED)}; got {family!r}.")
-    return Path(importlib.resources.files("diffedit_nb")) / "models" / _BUNDLED[family]
+    src = _models_dir() / _BUNDLED[family]
+    return _assembled(_BUNDLED[family]) if (src / PARTS_FILE).is_file() else src
 
 def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one
                   )->CLIPTokenizer:
     "Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), from the files bundled in the package."
-    return CLIPTokenizer.from_pretrained(folder or shapes_model_path()/"tokenizer", model_max_length=77)
+    return CLIPTokenizer.from_pretrained(folder or _models_dir() / "_shared" / "tokenizer", model_max_length=77)
 
 def _clip_simple_tokenizer():
     "OpenAI's `SimpleTokenizer` from the openai-clip package, loaded without importing `clip` (which needs torchvision)."
@@ -378,9 +465,11 @@ def _ready(sd:SDComponents, device, dtype)->SDComponents:
 def tiny_sd(seed:int=0, # seed of the random weights
             device="cpu", dtype=torch.float32,
             family:str="sd", # "sd", "sdxl" (two text encoders, pooled vector and size ids), "sd3" or "flux" (flow-matching transformers)
+            inpaint:bool=False, # an inpainting denoiser: SD/SDXL inpainting's 9-channel UNet, or Flux Fill's transformer (packed mask and masked image)
            )->SDComponents:
     "Tiny Stable-Diffusion-architecture components with random weights (64x64 images, 16x16x4 latents)."
     if family not in FAMILIES: raise ValueError(f"family must be one of {list(FAMILIES)}; got {family!r}.")
+    if inpaint and family == "sd3": raise ValueError("inpaint=True: there is no SD3 inpainting model in diffusers' layout; use 'sd', 'sdxl' or 'flux'.")
     torch.manual_seed(seed)
     vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",)*3,
                         up_block_types=("UpDecoderBlock2D",)*3, latent_channels=4, layers_per_block=1,
@@ -389,7 +478,7 @@ def tiny_sd(seed:int=0, # seed of the random weights
                 max_position_embeddings=77, projection_dim=32)
     xl = dict(cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
               addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32) if family == "sdxl" else {}
-    unet = UNet2DConditionModel(**{**dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+    unet = UNet2DConditionModel(**{**dict(sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                           cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), **xl})
@@ -403,7 +492,8 @@ def tiny_sd(seed:int=0, # seed of the random weights
     if family == "flux":  # Flux-dev's layout: CLIP (pooled) + T5 (states; the CLIP tokenizer in its slot), guidance embedded
         vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)  # Flux's VAE factors
         t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, feed_forward_proj="gated-gelu"))
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        # Flux Fill: packed latents 4 x (2x2) = 16, packed masked-image latents 16, the pixel mask (4x4 per latent pixel) packed 2x2 = 64
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=96 if inpaint else 16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
                                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
                                     axes_dims_rope=(2, 2, 4))
         return _ready(SDComponents(vae, CLIPTextModel(CLIPTextConfig(**text)), clip_tokenizer(), None, FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
@@ -485,8 +575,10 @@ def random_sd(arch:str="sd15", # "sd15", "sd21", "sdxl", "sd35m" (SD 3.5 medium)
 
 # %% ../nbs/00_components.ipynb #b40b9dae
 def save_sd(sd:SDComponents, folder:str|Path)->Path:
-    "Save `sd` as a diffusers Stable Diffusion (SDXL, SD3, Flux) folder (no safety checker)."
+    "Save `sd` as a diffusers Stable Diffusion (SDXL, SD3, Flux) folder (no safety checker); an inpainting model as its inpainting pipeline."
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, FluxFillPipeline
+    if sd.inpaint: StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline = StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, FluxFillPipeline
     parts = dict(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, scheduler=sd.scheduler)
     if sd.family == "sd3":
         pipe = StableDiffusion3Pipeline(**parts, transformer=sd.transformer, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
@@ -495,7 +587,8 @@ def save_sd(sd:SDComponents, folder:str|Path)->Path:
         pipe = FluxPipeline(**parts, transformer=sd.transformer, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2)
     elif sd.family == "sdxl":
         pipe = StableDiffusionXLPipeline(**parts, unet=sd.unet, text_encoder_2=sd.text_encoder_2, tokenizer_2=sd.tokenizer_2,
-                                         force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt)
+                                         force_zeros_for_empty_prompt=sd.force_zeros_for_empty_prompt,
+                                         **(dict(requires_aesthetics_score=False) if sd.inpaint else {}))
     else: pipe = StableDiffusionPipeline(**parts, unet=sd.unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     from safetensors.torch import load_file, save_file  # text encoder keys with the `text_model.` prefix, as on the hub (transformers < 5.6 needs it)

@@ -10,15 +10,16 @@ from pathlib import Path
 import os, stat, secrets, json
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'DEFAULTS', 'Defaults', 'KNOBS', 'DEFAULT', 'FAMILY_DEFAULTS',
-           'VARIANTS', 'KNOBS_FILE', 'Knobs', 'check_mask_args', 'check_denoise_args', 'check_knobs', 'model_variant',
-           'read_knobs_file', 'ResolvedKnobs', 'resolve_knobs', 'write_atomic']
+__all__ = ['DEFAULT_MODEL', 'BACKGROUNDS', 'SAMPLERS', 'SPACINGS', 'PAINTERS', 'DEFAULTS', 'Defaults', 'KNOBS', 'DEFAULT',
+           'FAMILY_DEFAULTS', 'VARIANTS', 'KNOBS_FILE', 'MODEL_KEYS', 'Knobs', 'check_mask_args', 'check_denoise_args',
+           'check_knobs', 'model_variant', 'read_knobs_file', 'ResolvedKnobs', 'resolve_knobs', 'write_atomic']
 
 # %% ../nbs/00_defaults.ipynb #1f0943ae
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BACKGROUNDS = ("inversion", "renoise", "uncond") # how the unmasked latents are kept during the edit (`04_denoise`)
 SAMPLERS = ("ddim", "dpm++2m", "euler") # the edit's sampler (`04_denoise`; None: the model's own); "inversion" needs one that can be inverted (not euler on a UNet model)
 SPACINGS = ("trailing", "leading", "linspace", "model") # the edit's timestep grid ("model": the model's scheduler config)
+PAINTERS = ("inpaint", "diffedit") # who repaints the mask (`04b_inpaint`): an inpainting model where one is loaded, or the paper's text-to-image repaint
 
 @dataclass(frozen=True)
 class Knobs:
@@ -41,6 +42,7 @@ class Knobs:
     spacing: str = "model"      # the edit's timestep grid: "model" (the model's scheduler config), "trailing" (starts at t=999), "leading" or "linspace"
     removal_prompt: str = ""    # what `DiffEdit.remove` edits towards: the model's words for an empty scene ("": the empty prompt)
     removal_start: float = 0.8  # `DiffEdit.remove`: noise level its repaint starts from, on the hole pre-filled from around it (0: the pre-fill alone; 1: pure noise)
+    painter: str = "inpaint"    # who repaints the mask: "inpaint" (the inpainting model, where one is loaded: from pure noise, shown the mask and the image around it) or "diffedit" (the paper's text-to-image repaint from `start`)
 
 DEFAULTS = Knobs()
 Defaults = Knobs  # the name of earlier releases
@@ -94,6 +96,7 @@ def check_knobs(knobs:Knobs=DEFAULTS, # the knobs of an edit
     check_denoise_args(start=k.start, steps=k.steps, guidance_scale=k.guidance_scale, background=k.background,
                        sampler=k.sampler, spacing=k.spacing)
     if not isinstance(k.removal_prompt, str): raise ValueError(f"removal_prompt must be a string (the words for an empty scene); got {k.removal_prompt!r}.")
+    if k.painter not in PAINTERS: raise ValueError(f"painter must be one of {PAINTERS}; got {k.painter!r}.")
     if not (_number(k.removal_start) and 0 <= k.removal_start <= 1):
         raise ValueError(f"removal_start must be a noise level in [0, 1] (0: the pre-filled hole as it is, 1: repainted from pure noise); got {k.removal_start!r}.")
 
@@ -129,10 +132,12 @@ FAMILY_DEFAULTS = {  # variant -> knob -> (value, source); every other knob: the
                      guidance_scale=(3.5, "FluxPipeline / FLUX.1-dev model card: embedded guidance 3.5"), spacing=_GRID),
     "flux-schnell": dict(start=_START, steps=(4, "FLUX.1-schnell model card: 4 steps"),
                          guidance_scale=(None, "FLUX.1-schnell model card: guidance 0 (the model takes no guidance input)"), spacing=_GRID),
+    "flux-fill": dict(start=_START, steps=(50, "FluxFillPipeline: num_inference_steps=50"),
+                      guidance_scale=(30.0, "FluxFillPipeline / FLUX.1-Fill-dev model card: guidance_scale=30"), spacing=_GRID),
 }
 VARIANTS = {"sd": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3 (medium)",
             "sd35-medium": "Stable Diffusion 3.5 medium", "sd35-large": "Stable Diffusion 3.5 large", "flux-dev": "FLUX.1-dev",
-            "flux-schnell": "FLUX.1-schnell"}
+            "flux-schnell": "FLUX.1-schnell", "flux-fill": "FLUX.1-Fill-dev (inpainting)"}
 
 def model_variant(family:str, # "sd", "sdxl", "sd3" or "flux" (`components.model_family`)
                   scheduler:dict|None=None, # the scheduler's config
@@ -144,12 +149,15 @@ def model_variant(family:str, # "sd", "sdxl", "sd3" or "flux" (`components.model
     if family == "sd3":
         if denoiser.get("num_layers", 0) >= 38: return "sd35-large"
         return "sd35-medium" if denoiser.get("dual_attention_layers") else "sd3"
-    if family == "flux": return "flux-dev" if denoiser.get("guidance_embeds") else "flux-schnell"
+    if family == "flux":
+        if denoiser.get("in_channels", 64) > (denoiser.get("out_channels") or denoiser.get("in_channels", 64)): return "flux-fill"  # mask and masked image in
+        return "flux-dev" if denoiser.get("guidance_embeds") else "flux-schnell"
     if family == "sdxl": return "sdxl"
     raise ValueError(f"family must be one of 'sd', 'sdxl', 'sd3', 'flux'; got {family!r}.")
 
 # %% ../nbs/00_defaults.ipynb #44361e5d
 KNOBS_FILE = "diffedit.json"
+MODEL_KEYS = ("inpaint",) # what else a `diffedit.json` may say: "inpaint", the model's default painter (a bundled name, hub id or folder)
 
 def read_knobs_file(path:str|Path, # a `diffedit.json`
                    )->dict: # knob -> value
@@ -158,7 +166,7 @@ def read_knobs_file(path:str|Path, # a `diffedit.json`
     try: d = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
     if not isinstance(d, dict): raise ValueError(f"{path} must hold a JSON object of knob names and values; got a {type(d).__name__}.")
-    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in MODEL_KEYS}
     for k in d:
         if k not in KNOBS: raise ValueError(f"{path}: unknown knob {k!r}; the knobs are: {', '.join(KNOBS)}.")
     try: check_knobs(Knobs(**d))

@@ -15,7 +15,7 @@ from .defaults import DEFAULTS, BACKGROUNDS, SAMPLERS, SPACINGS, check_denoise_a
 from .noise import start_index, ddim_invert, flow_invert, model_scheduler, noised
 
 # %% auto #0
-__all__ = ['check_sampler', 'edit_scheduler', 'dpm_invert', 'invert_latents', 'denoise']
+__all__ = ['check_sampler', 'edit_scheduler', 'dpm_invert', 'invert_latents', 'rows_of', 'denoise']
 
 # %% ../nbs/04_denoise.ipynb #474c0d37
 _SCHEDULERS = {"ddim": (DDIMScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
@@ -76,7 +76,10 @@ def invert_latents(sd:SDComponents, sched, # the edit's scheduler, steps set (`e
     uncond = uncond_embeds.expand(len(latents), *uncond_embeds.shape[1:]) if len(uncond_embeds) == 1 else uncond_embeds
     return invert(sd, s, latents, uncond, start=start_index(len(s.timesteps), start), progress=progress)
 
-def _rows(e:torch.Tensor, b:int)->torch.Tensor: return e.expand(b, *e.shape[1:]) if len(e) == 1 else e
+def rows_of(e:torch.Tensor, # (1 or b, tokens, d) embeddings
+            b:int)->torch.Tensor:
+    "`e` as `b` rows: one row repeated (no copy), or `e` as it is."
+    return e.expand(b, *e.shape[1:]) if len(e) == 1 else e
 
 @torch.no_grad()
 def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_scheduler`; or `ddim_scheduler`)
@@ -117,8 +120,8 @@ def denoise(sd:SDComponents, sched, # the edit's scheduler, steps set (`edit_sch
         x = x_bg = noised(s, latents, noise, ts[:1].expand(B))
     # 4. rows of each UNet call: [negative, query] (+ [uncond] of the background path), B each; Flux: [query] (+ [uncond])
     neg = uncond_embeds if negative_embeds is None else negative_embeds
-    rows = [_rows(neg, B), _rows(query_embeds, B)] if cfg else [_rows(query_embeds, B)]
-    if background == "uncond": rows.append(_rows(uncond_embeds, B))
+    rows = [rows_of(neg, B), rows_of(query_embeds, B)] if cfg else [rows_of(query_embeds, B)]
+    if background == "uncond": rows.append(rows_of(uncond_embeds, B))
     emb = torch.cat(rows)
     # 5. the loop
     for i, t in enumerate(tqdm(ts, desc="edit", disable=not progress, leave=False)):

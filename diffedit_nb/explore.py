@@ -12,7 +12,7 @@ from .defaults import DEFAULT, Knobs, check_knobs
 from .encode import show_images
 from .noise import model_scheduler, make_generator
 from .mask import finish_map, resize_map, refine_mask
-from .pipeline import DiffEdit, _Job, _mask_image
+from .pipeline import DiffEdit, Job, mask_image_of
 
 # %% auto #0
 __all__ = ['MASK_CONTROLS', 'Explorer', 'ExploreWidget']
@@ -24,7 +24,7 @@ class Explorer:
         self.de, self.ref, self.query, self.seed = de, ref, query, seed
         self.prep = de._prepare(image)
         self.k = de.knobs(**knobs); check_knobs(self.k)
-        job = _Job(self.prep, ref, [query], make_generator(seed))
+        job = Job(self.prep, ref, [query], make_generator(seed))
         (_, _, self.raw), = de._maps([job], self.k, model_scheduler(de.sd, self.k.steps, self.prep.latents), progress=False)[0]
         self.image, self.cell = de._mask_image_at(self.prep)
 
@@ -42,7 +42,7 @@ class Explorer:
 
     def mask(self, **mask_knobs)->Image.Image:
         "The mask (mode L, at the input's size) with these mask knobs."
-        return _mask_image(resize_map(self.alpha(**mask_knobs), self.prep.original.size))
+        return mask_image_of(resize_map(self.alpha(**mask_knobs), self.prep.original.size))
 
     def edit(self, mask_image=None, **knobs):
         "The edit with `mask_image` (default: the mask at the knobs'), reusing the cached encoding and inversion."

@@ -17,17 +17,19 @@ import torch
 from PIL import Image
 from .defaults import DEFAULTS, DEFAULT, DEFAULT_MODEL, KNOBS, KNOBS_FILE, Knobs, ResolvedKnobs, check_knobs, read_knobs_file, resolve_knobs
 from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path
-from .encode import load_image, model_size, encode, decode, show_images
+from .encode import load_image, model_size, encode, decode, show_images, image_processor
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
 from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation
 from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
+from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
 __all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'CONFIDENCE_CUTS', 'CONFIDENCE_FILE', 'MaskResult', 'EditResult',
-           'composite', 'DiffEdit', 'Prepared', 'load_mask', 'check_cuts', 'confidence_signs', 'mask_confidence',
-           'sd_predict_rows']
+           'composite', 'mask_image_of', 'resolve_model', 'pipe_components', 'load_knobs', 'DiffEdit', 'check_prompts',
+           'Prepared', 'load_mask', 'check_cuts', 'confidence_signs', 'mask_confidence', 'Job', 'sd_predict_rows',
+           'as_queries', 'warn_low_confidence', 'edit_result']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -61,29 +63,43 @@ def composite(original:Image.Image, # RGB input at its own size
     mixed = np.clip((orig * (1 - a) + edit * a).round(), 0, 255).astype(np.uint8)
     return Image.fromarray(np.where(a > 0, mixed, orig)), a[..., 0]
 
-def _mask_image(alpha:np.ndarray)->Image.Image:
+def mask_image_of(alpha:np.ndarray)->Image.Image:
     "The binary mask of a blending weight as a mode-L image: 255 where alpha > 0."
     return Image.fromarray(((alpha > 0) * 255).astype(np.uint8), "L")
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
-BUNDLED = ("shapes", "shapes-xl", "shapes-sd3", "shapes-rich")
+BUNDLED = ("shapes", "shapes-xl", "shapes-sd3", "shapes-rich", "shapes-inpaint")
 
-def _resolve_model(model):
-    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer), 'shapes-rich' (the SD-layout model fine-tuned on large objects, two objects and empty scenes)."
-    paths = {name: shapes_model_path(kind) for name, kind in zip(BUNDLED, ("sd", "sdxl", "sd3", "rich"))}
-    if str(model) in paths: return paths[str(model)]
+def resolve_model(model):
+    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer), 'shapes-rich' (the SD-layout model fine-tuned on large objects, two objects and empty scenes), 'shapes-inpaint' (shapes-rich made an inpainting model)."
+    kinds = dict(zip(BUNDLED, ("sd", "sdxl", "sd3", "rich", "inpaint")))
+    if str(model) in kinds: return shapes_model_path(kinds[str(model)])  # shapes-xl is built on first use
     close = difflib.get_close_matches(str(model), BUNDLED, n=1, cutoff=0.75)
     if close and not Path(str(model)).expanduser().exists():
         raise ValueError(f"There is no model {str(model)!r}: it is not a folder, and not one of the bundled models ({', '.join(BUNDLED)}). "
                          f"Did you mean {close[0]!r}?")
     return model
 
+def pipe_components(pipe, # a loaded diffusers pipeline: StableDiffusion(XL)(Inpaint)Pipeline, StableDiffusion3Pipeline, Flux(Fill)Pipeline
+                   )->SDComponents:
+    "The components of a loaded diffusers pipeline, shared (no copy)."
+    parts = {k: getattr(pipe, k, None) for k in ("unet", "transformer", "text_encoder", "text_encoder_2")}
+    family = model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
+    get = lambda k: getattr(pipe, k, None)
+    extra = dict(text_encoder_2=get("text_encoder_2"), tokenizer_2=get("tokenizer_2"))
+    if family == "sdxl": extra["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    if family == "sd3": extra.update(transformer=get("transformer"), text_encoder_3=get("text_encoder_3"), tokenizer_3=get("tokenizer_3"))
+    if family == "flux": extra.update(transformer=get("transformer"), max_sequence_length=512 if pipe.transformer.config.guidance_embeds else 256)
+    return SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, get("unet"), pipe.scheduler, **extra)
+
 def _check_denoiser(sd:SDComponents):
     "Refuse what DiffEdit cannot drive right, saying why: a Flux transformer with extra image channels, a cache across calls; warn about Flux in float16."
     tr = sd.transformer
-    if sd.family == "flux" and tr.config.in_channels != 4 * sd.vae.config.latent_channels:
-        raise ValueError(f"This Flux transformer takes {tr.config.in_channels} input channels, not the {4 * sd.vae.config.latent_channels} of packed "
-                         "latents: a Fill, Canny or Depth model adds image channels. DiffEdit drives the text-to-image Flux.1 models (dev, schnell).")
+    lc, f = sd.vae.config.latent_channels, sd.vae_scale_factor
+    if sd.family == "flux" and tr.config.in_channels not in (4 * lc, 8 * lc + 4 * f * f):
+        raise ValueError(f"This Flux transformer takes {tr.config.in_channels} input channels, neither the {4 * lc} of packed latents (Flux.1 dev, "
+                         f"schnell) nor Flux Fill's {8 * lc + 4 * f * f} (latents, masked image, mask): a Canny or Depth model adds control-image "
+                         "channels, which DiffEdit does not drive.")
     if getattr(sd.denoiser, "is_cache_enabled", False):
         raise ValueError("The denoiser has a diffusers cache enabled (`enable_cache`): it would reuse results across DiffEdit's mask, inversion and "
                          "edit calls, which differ in prompts and batch. Call `pipe.transformer.disable_cache()` (or `pipe.unet.disable_cache()`) first.")
@@ -103,7 +119,12 @@ def _load_confidence(model)->dict|None:
     except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
     return check_cuts(d.get("cuts") if isinstance(d, dict) else d, f)
 
-def _load_knobs(model)->tuple:
+def _load_painter(model)->str|None:
+    "The painter a model folder names for itself (`diffedit.json`'s \"inpaint\": a bundled name, hub id or folder), or None."
+    f = Path(str(model)).expanduser()/KNOBS_FILE
+    return json.loads(f.read_text()).get("inpaint") if f.is_file() else None
+
+def load_knobs(model)->tuple:
     "The knobs a model folder carries for itself (`diffedit.json`, checked) and the file's path; ({}, '') if it has none."
     f = Path(str(model)).expanduser()/KNOBS_FILE
     return (read_knobs_file(f), str(f)) if f.is_file() else ({}, KNOBS_FILE)
@@ -116,10 +137,17 @@ class DiffEdit:
                  knobs:dict|None=None, # the model's own defaults (a folder's `diffedit.json`), over its family's published ones
                  knobs_source:str=KNOBS_FILE, # where `knobs` came from, as `defaults` reports it
                  confidence_cuts:dict|None=None, # the model's own cut-offs of the mask's confidence (`confidence.json`); None: `CONFIDENCE_CUTS`
+                 inpaint:SDComponents|None=None, # an inpainting model to repaint the mask (`04b_inpaint`); None: `sd` itself if it is one, else the paper's repaint
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
         _check_denoiser(sd)
+        if inpaint is not None:
+            if not isinstance(inpaint, SDComponents) or not inpaint.inpaint:
+                raise ValueError(f"inpaint must be an inpainting model (SD or SDXL inpainting, Flux Fill: its denoiser takes the mask and masked image); "
+                                 f"got {type(inpaint).__name__}{'' if not isinstance(inpaint, SDComponents) else ' whose denoiser takes no mask'}.")
+            _check_denoiser(inpaint)
+        self.painter = inpaint if inpaint is not None else sd if sd.inpaint else None
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
         self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
@@ -142,37 +170,42 @@ class DiffEdit:
     def from_pretrained(cls, model:str|Path=DEFAULT_MODEL, # hub id, local diffusers folder, or "shapes"
                         *, device=None, dtype=None,
                         resolution:int|None=None, # image side to work at (None: the model's)
+                        inpaint=DEFAULT, # the painter: an inpainting model's hub id or folder, "shapes-inpaint", a loaded inpainting pipeline or `SDComponents`; None: none (the paper's repaint); default: the one the folder's `diffedit.json` names, if any
                         **kwargs):
-        "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5)."
-        model = _resolve_model(model)
-        knobs, source = _load_knobs(model)
-        return cls(load_sd(model, device=device, dtype=dtype, **kwargs), _load_vocabulary(model), resolution, knobs, source, _load_confidence(model))
+        "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5); an inpainting checkpoint (SD, SDXL, Flux Fill) both masks and paints."
+        model = resolve_model(model)
+        knobs, source = load_knobs(model)
+        sd = load_sd(model, device=device, dtype=dtype, **kwargs)
+        if inpaint is DEFAULT: inpaint = _load_painter(model)
+        if isinstance(inpaint, (str, Path)): inpaint = load_sd(resolve_model(inpaint), device=sd.device, dtype=sd.dtype)
+        elif inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
+        return cls(sd, _load_vocabulary(model), resolution, knobs, source, _load_confidence(model), inpaint)
 
     @classmethod
-    def from_pipe(cls, pipe, resolution:int|None=None):
-        "Reuse the components of a loaded diffusers Stable Diffusion, SDXL, SD3 or Flux pipeline (no copy; offloaded or quantised parts too)."
-        parts = {k: getattr(pipe, k, None) for k in ("unet", "transformer", "text_encoder", "text_encoder_2")}
-        family = model_family({"_class_name": type(pipe).__name__} | {k: [None if m is None else type(m).__name__] for k, m in parts.items()})
-        get = lambda k: getattr(pipe, k, None)
-        extra = dict(text_encoder_2=get("text_encoder_2"), tokenizer_2=get("tokenizer_2"))
-        if family == "sdxl": extra["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
-        if family == "sd3": extra.update(transformer=get("transformer"), text_encoder_3=get("text_encoder_3"), tokenizer_3=get("tokenizer_3"))
-        if family == "flux": extra.update(transformer=get("transformer"), max_sequence_length=512 if pipe.transformer.config.guidance_embeds else 256)
-        return cls(SDComponents(pipe.vae, pipe.text_encoder, pipe.tokenizer, get("unet"), pipe.scheduler, **extra), resolution=resolution)
+    def from_pipe(cls, pipe, resolution:int|None=None,
+                  inpaint=None, # a loaded inpainting pipeline (or `SDComponents`) to repaint with; an inpainting `pipe` paints itself
+                 ):
+        "Reuse the components of a loaded diffusers Stable Diffusion, SDXL, SD3 or Flux pipeline, or their inpainting pipelines (no copy; offloaded or quantised parts too)."
+        if inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
+        return cls(pipe_components(pipe), resolution=resolution, inpaint=inpaint)
 
     def clear_cache(self):
         "Forget the cached encodings, inversions and reference rows (e.g. after changing a component's weights)."
         for c in (self._latents, self._inversions, self._ref_rows): c.clear()
         self._embeds.clear()
 
-    def embeds(self, *prompts:str)->torch.Tensor:
+    def embeds(self, *prompts:str, sd:SDComponents|None=None, # whose text encoders (default: the mask model's; the painter's when it is another model)
+              )->torch.Tensor:
         "Embeddings of `prompts`, computed once per prompt (each alone: its value never depends on what it was batched with) and cached."
+        sd = self.sd if sd is None else sd
+        key = lambda p: p if sd is self.sd else (id(sd), p)
         for p in dict.fromkeys(prompts):
-            if p not in self._embeds: self._embeds[p] = embed_prompts(self.sd, [p])
-        return torch.cat([self._embeds[p] for p in prompts])
+            if key(p) not in self._embeds: self._embeds[key(p)] = embed_prompts(sd, [p])
+        return torch.cat([self._embeds[key(p)] for p in prompts])
 
 # %% ../nbs/05_pipeline.ipynb #42e75ca2
-def _check_prompts(ref, query):
+def check_prompts(ref, query):
+    "A TypeError naming `ref` or `query` if it is not a string."
     for name, p in (("ref", ref), ("query", query)):
         if not isinstance(p, str): raise TypeError(f"{name} must be a string (the {'reference' if name == 'ref' else 'query'} prompt); got {type(p).__name__}.")
 
@@ -302,7 +335,7 @@ def mask_confidence(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw di
 
 # %% ../nbs/05_pipeline.ipynb #df18e190
 @dataclass
-class _Job:
+class Job:
     "One image, its reference and its queries, inside one call."
     prep: Prepared
     ref: str
@@ -353,10 +386,11 @@ def _alpha(self:DiffEdit, prep:Prepared, m:torch.Tensor, k:Knobs)->np.ndarray:
                        region_ratio=k.region_ratio)
 
 def _given_alpha(self:DiffEdit, prep:Prepared, mask, k:Knobs, snap:bool)->np.ndarray:
-    "A user's mask at the mask's size; snapped to the image's edges only when asked (`refine=True` given)."
+    "A user's mask at the input's size, used as given (`res.mask` is it); snapped to the image's edges, at the mask's size, only when asked (`refine=True` given)."
+    if not snap: return load_mask(mask, prep.original.size)
     img, cell = self._mask_image_at(prep)
     a = load_mask(mask, img.shape[1::-1])
-    if snap and 0 < (a > 0.5).mean() < 1: a = refine_edges(img, a, a > 0.5, 0.5, cell)[0].astype(np.float32)
+    if 0 < (a > 0.5).mean() < 1: a = refine_edges(img, a, a > 0.5, 0.5, cell)[0].astype(np.float32)
     return a
 
 def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
@@ -376,7 +410,7 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
 DiffEdit._maps, DiffEdit._alpha, DiffEdit._given_alpha, DiffEdit._masks = _maps, _alpha, _given_alpha, _masks
 
 # %% ../nbs/05_pipeline.ipynb #500e175b
-def _queries(query)->list:
+def as_queries(query)->list:
     "`query` as a list of prompts (one prompt, or several)."
     qs = [query] if isinstance(query, str) else list(query) if isinstance(query, (list, tuple)) else None
     if qs is None or not qs or not all(isinstance(q, str) for q in qs):
@@ -389,7 +423,8 @@ def _warn_prompts(ref:str, queries:list):
         if q.strip() == ref.strip(): warnings.warn(f"query {q!r} is the reference: there is nothing to edit, the image comes back unchanged.", stacklevel=4)
         elif not q.strip(): warnings.warn("query is empty: the region is repainted with no prompt (to remove an object, use `DiffEdit.remove`).", stacklevel=4)
 
-def _low_confidence(c:float|None, ref:str, query:str):
+def warn_low_confidence(c:float|None, ref:str, query:str):
+    "Warn when an automatic mask's confidence `c` is under `CONFIDENCE_WARN` (None: a given mask, never warned)."
     if c is not None and c < CONFIDENCE_WARN:
         warnings.warn(f"The mask for {ref!r} -> {query!r} is doubtful (confidence {c:.2f} < {CONFIDENCE_WARN}): the map does not show one clear region. "
                       "Check that `ref` describes what is in the image, or give the mask yourself (`mask_image=`).", stacklevel=4)
@@ -412,16 +447,16 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
           batch_size:int|None=None, # noise draws per UNet call; None: all in one
           progress:bool=True)->MaskResult|list:
     "The DiffEdit mask of `image` between `ref` and `query` (a list for a list of queries); a knob left at `DEFAULT` is the model's."
-    queries = _queries(query); _check_prompts(ref, queries[0])
+    queries = as_queries(query); check_prompts(ref, queries[0])
     k = self.knobs(**{k: v for k, v in locals().items() if k in KNOBS})
     check_knobs(k, batch_size)
     _check_vocabulary(self.vocabulary, ref=ref, **{f"query {i + 1}" if len(queries) > 1 else "query": q for i, q in enumerate(queries)})
     prep = self._prepare(image)
-    job = _Job(prep, ref, queries, make_generator(seed, generator))
+    job = Job(prep, ref, queries, make_generator(seed, generator))
     out = []
     for q, (alpha, m, conf) in zip(queries, self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)[0]):
-        _low_confidence(conf, ref, q)
-        out.append(MaskResult(_mask_image(resize_map(alpha, prep.original.size)), resize_map(m, prep.original.size), conf, k))
+        warn_low_confidence(conf, ref, q)
+        out.append(MaskResult(mask_image_of(resize_map(alpha, prep.original.size)), resize_map(m, prep.original.size), conf, k))
     return out[0] if isinstance(query, str) else out
 
 DiffEdit.mask = _mask
@@ -446,6 +481,7 @@ def _edit(self:DiffEdit, jobs:list, masks:list, k:Knobs, callback=None, progress
     rows = [(j, q) for j, job in enumerate(jobs) for q in range(len(job.queries)) if masks[j][q][0].any()]
     out = [[None] * len(job.queries) for job in jobs]
     if not rows: return out
+    if self.painter is not None and k.painter == "inpaint": return self._paint(jobs, masks, rows, out, k, callback, progress)
     lat0 = jobs[0].prep.latents
     sched = edit_scheduler(self.sd, k.sampler, k.steps, k.spacing, lat0)
     lat = torch.cat([jobs[j].prep.latents for j, _ in rows])                      # (B, C, h, w)
@@ -464,7 +500,25 @@ def _edit(self:DiffEdit, jobs:list, masks:list, k:Knobs, callback=None, progress
         out[j][q] = composite(jobs[j].prep.original, im, masks[j][q][0])
     return out
 
-DiffEdit._trajectory, DiffEdit._edit = _trajectory, _edit
+@torch.no_grad()
+def _paint(self:DiffEdit, jobs:list, masks:list, rows:list, out:list, k:Knobs, callback=None, progress=True)->list:
+    "`_edit` with the inpainting painter: each row's mask and masked image condition a repaint from pure noise (`inpaint.paint`); no inversion."
+    P, size = self.painter, jobs[rows[0][0]].prep.size                               # every row of a call shares the working size
+    px = {j: image_processor(P).preprocess(jobs[j].prep.original, height=size[1], width=size[0]) for j in dict.fromkeys(j for j, _ in rows)}
+    image = torch.cat([px[j] for j, _ in rows])                                       # (B, 3, H, W) in [-1, 1]
+    mask = torch.cat([torch.from_numpy(resize_map(masks[j][q][0], size) > 0)[None, None] for j, q in rows]).float()  # (B, 1, H, W)
+    cond = P.inpaint_cond(image, mask)                                                # (B, C, h, w): mask and masked-image latents
+    lc, (h, w) = P.vae.config.latent_channels, cond.shape[-2:]
+    sched = edit_scheduler(P, k.sampler, k.steps, k.spacing, torch.zeros(1, lc, h, w))
+    drawn = {j: randn_tensor((1, lc, h, w), generator=jobs[j].gen, device=cond.device, dtype=cond.dtype) for j in dict.fromkeys(j for j, _ in rows)}
+    e_query = torch.cat([self.embeds(jobs[j].queries[q], sd=P) for j, q in rows])
+    e_neg = torch.cat([self.embeds(jobs[j].ref if k.negative_prompt is None else k.negative_prompt, sd=P) for j, _ in rows])
+    painted = paint(P, sched, cond, e_query, e_neg, k.guidance_scale, torch.cat([drawn[j] for j, _ in rows]), callback=callback, progress=progress)
+    for (j, q), im in zip(rows, [decode(P, x[None])[0] for x in painted]):
+        out[j][q] = composite(jobs[j].prep.original, im, masks[j][q][0])
+    return out
+
+DiffEdit._trajectory, DiffEdit._edit, DiffEdit._paint = _trajectory, _edit, _paint
 
 # %% ../nbs/05_pipeline.ipynb #20474219
 def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
@@ -489,6 +543,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
           spacing:str=DEFAULT, # the edit's timestep grid: "trailing", "leading", "linspace" or "model"
           removal_prompt:str=DEFAULT, # the model's words for an empty scene (`DiffEdit.remove` edits towards them)
           removal_start:float=DEFAULT, # `DiffEdit.remove`'s repaint noise level (not used by an edit)
+          painter:str=DEFAULT, # "inpaint": the inpainting model repaints (where one is loaded; `start`, `background` not used), "diffedit": the paper's repaint
           seed:int|None=None, # seed of all noise; None: random
           generator:torch.Generator|None=None, # or a generator (overrides seed)
           callback=None, # callback(i, t, latents) after each denoising step
@@ -497,10 +552,10 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
          )->EditResult|list:
     "Edit `image`: repaint the region where `ref` and `query` disagree, so it shows `query`; a knob left at `DEFAULT` is the model's (`DiffEdit.defaults`)."
     # 1. check inputs, before any model work; the knobs not given are the model's defaults
-    queries = _queries(query); _check_prompts(ref, queries[0])
+    queries = as_queries(query); check_prompts(ref, queries[0])
     given = {k: v for k, v in locals().items() if k in KNOBS and v is not DEFAULT}
     k = self.knobs(**given)
-    if k.negative_prompt is not None: _check_prompts(k.negative_prompt, queries[0])
+    if k.negative_prompt is not None: check_prompts(k.negative_prompt, queries[0])
     check_knobs(k, batch_size); check_sampler(self.sd, k.sampler)
     _check_vocabulary(self.vocabulary, ref=ref, negative_prompt=k.negative_prompt,
                       **{f"query {i + 1}" if len(queries) > 1 else "query": q for i, q in enumerate(queries)})
@@ -512,23 +567,23 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
                       f"negative_prompt={k.negative_prompt!r} is not used.", stacklevel=2)
     # 2. load and encode the image (once per image: cached); a given mask at the mask's size
     prep = self._prepare(image)
-    job = _Job(prep, ref, queries, make_generator(seed, generator))
+    job = Job(prep, ref, queries, make_generator(seed, generator))
     if mask_image is not None: job.given = self._given_alpha(prep, mask_image, k, snap=given.get("refine", False) is True)
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`); one per query
     masks = self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)
-    for q, (_, _, conf) in zip(queries, masks[0]): _low_confidence(conf, ref, q)
+    for q, (_, _, conf) in zip(queries, masks[0]): warn_low_confidence(conf, ref, q)
     # 4-5. masked, guided denoising from `start` (all queries in the same calls), decoded and put back at the input's size
     edits = self._edit([job], masks, k, callback, progress)[0]
-    out = [_result(prep, alpha, m, conf, k, e) for (alpha, m, conf), e in zip(masks[0], edits)]
+    out = [edit_result(prep, alpha, m, conf, k, e) for (alpha, m, conf), e in zip(masks[0], edits)]
     return out[0] if isinstance(query, str) else out
 
-def _result(prep:Prepared, alpha, m, conf, k:Knobs, edit)->EditResult:
+def edit_result(prep:Prepared, alpha, m, conf, k:Knobs, edit)->EditResult:
     "The result at the input's size: nothing to edit (`edit` None) gives the input back, with an empty mask."
     size = prep.original.size
     mm = resize_map(alpha if m is None else m, size)
     if edit is None: return EditResult(Image.new("L", size, 0), mm, conf, k, prep.original.copy())
     image_out, a = edit
-    return EditResult(_mask_image(a), mm, conf, k, image_out)
+    return EditResult(mask_image_of(a), mm, conf, k, image_out)
 
 DiffEdit.__call__ = _call
 
@@ -560,8 +615,3 @@ def _on_first_use(module:str, name:str):
 for _module, _names in (("batch", ("edit_many",)), ("remove", ("remove",)), ("explore", ("explore", "threshold_grid", "blur_grid"))):
     for _name in _names:
         if not hasattr(DiffEdit, _name): setattr(DiffEdit, _name, _on_first_use(_module, _name))
-
-# %% ../nbs/05_pipeline.ipynb #990851e2
-#| eval: false
-if __name__ == "__main__" and "__file__" in globals():  # python -m diffedit_nb.pipeline
-    from diffedit_nb.__main__ import main; sys.exit(main())

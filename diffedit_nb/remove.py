@@ -11,7 +11,7 @@ from PIL import Image
 from fastcore.basics import patch
 from .defaults import DEFAULT, KNOBS, check_knobs
 from .encode import load_image
-from .pipeline import DiffEdit, EditResult, load_mask, _mask_image
+from .pipeline import DiffEdit, EditResult, load_mask, mask_image_of
 
 
 # %% auto #0
@@ -40,7 +40,7 @@ def remove(self:DiffEdit, image, # path, URL, PIL image or bytes
            seed:int|None=None, generator=None, callback=None, batch_size:int|None=None, progress:bool=True,
            **knobs, # any other knob of `DiffEdit.__call__` (`start` is not used: the repaint starts at `removal_start`)
           )->EditResult:
-    "Remove what `ref` describes: mask it against an empty scene, pre-fill the hole from around it, repaint it from `removal_start` towards the empty scene and away from `ref`."
+    "Remove what `ref` describes: mask it against an empty scene, then fill the hole towards the empty scene and away from `ref`: by the inpainting model where there is one, else pre-filled from around it and repainted from `removal_start`."
     start = knobs.pop("start", DEFAULT)  # `asdict(res.knobs)` holds the model's start: remaking a removal from it is fine
     if start is not DEFAULT and start != self.knobs().start:
         warnings.warn(f"remove() repaints from removal_start, not start (start={start} is not used); give removal_start= (0: the pre-fill alone, 1: pure noise).", stacklevel=2)
@@ -61,9 +61,16 @@ def remove(self:DiffEdit, image, # path, URL, PIL image or bytes
             hole, confidence, mask_map = found.mask, found.confidence, found.mask_map
         else: hole, confidence, mask_map = mask_image, None, None
         a = load_mask(hole, img.size)
+        if self.painter is not None and k.painter == "inpaint":  # 2-3. an inpainting model fills the hole itself, from pure noise, seeing around it
+            res = self(img, ref=ref, query=fill, mask_image=a, removal_prompt=removal_prompt, removal_start=removal_start,
+                       negative_prompt=negative_prompt, seed=seed, generator=generator, callback=callback, batch_size=batch_size,
+                       progress=progress, **knobs)
+            res.confidence, res.knobs = confidence, k
+            if mask_map is not None: res.mask_map = mask_map
+            return res
         filled = prefill_hole(img, a)  # 2. the hole filled from its surroundings
         if k.removal_start == 0:  # the pre-fill is the removal
-            return EditResult(_mask_image(a), a.astype(np.float32) if mask_map is None else mask_map, confidence, k, filled)
+            return EditResult(mask_image_of(a), a.astype(np.float32) if mask_map is None else mask_map, confidence, k, filled)
         # 3. DiffEdit from removal_start on the pre-filled picture, guided towards the empty scene and away from ref; outside, the input
         res = self(filled, ref=ref, query=fill, mask_image=a, removal_prompt=removal_prompt, removal_start=removal_start,
                    negative_prompt=negative_prompt, start=k.removal_start,

@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from pathlib import Path
 from diffusers import UNet2DConditionModel
-from .components import SDComponents
+from .components import SDComponents, load_sd, save_sd, shapes_model_path
 
 # %% auto #0
-__all__ = ['sdxl_twin']
+__all__ = ['sdxl_twin', 'build_bundled']
 
 # %% ../nbs/09_sdxl.ipynb #f421913c
 def _identity_layer(layer):
@@ -66,3 +67,12 @@ def sdxl_twin(sd:SDComponents, # an SD 1.x/2.x-layout model with a quick-GELU te
                       text_encoder_2=te2, tokenizer_2=sd.tokenizer, force_zeros_for_empty_prompt=False)
     for m in xl.modules(): m.to(sd.device).eval().requires_grad_(False)
     return xl
+
+def build_bundled(folder:str|Path, # where to write it (the cache's temporary folder: `components.shapes_model_path` moves it into place)
+                 )->Path:
+    "Write the bundled `shapes-xl`: `sdxl_twin` of the bundled shapes model, as a diffusers SDXL folder (`save_sd`)."
+    from diffusers.utils import logging as dlog
+    bars = dlog.is_progress_bar_enabled(); dlog.disable_progress_bar()  # no "Writing model shards" bar on first use
+    try: return save_sd(sdxl_twin(load_sd(shapes_model_path("sd"), device="cpu", dtype=torch.float32)), folder)
+    finally:
+        if bars: dlog.enable_progress_bar()
