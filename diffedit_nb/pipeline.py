@@ -138,6 +138,7 @@ class DiffEdit:
                  knobs_source:str=KNOBS_FILE, # where `knobs` came from, as `defaults` reports it
                  confidence_cuts:dict|None=None, # the model's own cut-offs of the mask's confidence (`confidence.json`); None: `CONFIDENCE_CUTS`
                  inpaint:SDComponents|None=None, # an inpainting model to repaint the mask (`04b_inpaint`); None: `sd` itself if it is one, else the paper's repaint
+                 inpaint_knobs:dict|None=None, # the painter folder's own `diffedit.json` (its `removal_prompt`: the words it paints an empty scene with)
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
@@ -148,6 +149,7 @@ class DiffEdit:
                                  f"got {type(inpaint).__name__}{'' if not isinstance(inpaint, SDComponents) else ' whose denoiser takes no mask'}.")
             _check_denoiser(inpaint)
         self.painter = inpaint if inpaint is not None else sd if sd.inpaint else None
+        self.inpaint_knobs = dict(knobs or {}) if self.painter is sd else dict(inpaint_knobs or {})
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
         self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
@@ -177,9 +179,12 @@ class DiffEdit:
         knobs, source = load_knobs(model)
         sd = load_sd(model, device=device, dtype=dtype, **kwargs)
         if inpaint is DEFAULT: inpaint = _load_painter(model)
-        if isinstance(inpaint, (str, Path)): inpaint = load_sd(resolve_model(inpaint), device=sd.device, dtype=sd.dtype)
+        inpaint_knobs = None
+        if isinstance(inpaint, (str, Path)):
+            folder = resolve_model(inpaint); inpaint_knobs = load_knobs(folder)[0]
+            inpaint = load_sd(folder, device=sd.device, dtype=sd.dtype)
         elif inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
-        return cls(sd, _load_vocabulary(model), resolution, knobs, source, _load_confidence(model), inpaint)
+        return cls(sd, _load_vocabulary(model), resolution, knobs, source, _load_confidence(model), inpaint, inpaint_knobs)
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None,
