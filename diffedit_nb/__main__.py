@@ -101,12 +101,13 @@ def _one_line(msg)->str: return " ".join(str(msg).split())
 
 def _show_defaults(model:str)->str:
     "The knobs an edit with `model` would use and where each comes from, read from its configs and `diffedit.json` (no weights)."
-    from diffedit_nb.pipeline import resolve_model, load_knobs
+    from diffedit_nb.pipeline import resolve_model
+    from diffedit_nb.components import read_model_files
     from diffedit_nb.components import read_variant
     from diffedit_nb.defaults import resolve_knobs, VARIANTS
     m = resolve_model(model)
     variant = read_variant(m)
-    knobs, source = load_knobs(m)
+    own = read_model_files(m); knobs, source = own["knobs"], own["knobs_source"]
     import diffedit_nb; pkg = Path(diffedit_nb.__file__).resolve().parent  # a bundled model's file: named inside the package, not by this machine's path
     from diffedit_nb.components import cache_dir
     built = (cache_dir() / "models").resolve()  # a bundled model assembled from its parts on first use: its diffedit.json is the package's

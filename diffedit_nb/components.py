@@ -12,13 +12,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, Diffus
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5Config
 from transformers.utils import logging as tf_logging
-from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant
+from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant, KNOBS_FILE, CONFIDENCE_FILE, read_knobs_file, check_cuts
 
 # %% auto #0
-__all__ = ['FAMILIES', 'PARTS_FILE', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents',
+__all__ = ['FAMILIES', 'MODEL_FILES', 'PARTS_FILE', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents',
            'default_device_dtype', 'resolve_device_dtype', 'model_family', 'check_model_folder', 'check_model_source',
-           'load_sd', 'read_variant', 'cache_dir', 'shapes_model_path', 'clip_tokenizer', 'write_clip_tokenizer',
-           'tiny_sd', 'random_sd', 'save_sd']
+           'load_sd', 'read_variant', 'model_file', 'read_model_files', 'cache_dir', 'shapes_model_path',
+           'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd']
 
 # %% ../nbs/00_components.ipynb #a600d90c
 FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3/3.5", "flux": "Flux.1 (dev, schnell)"}
@@ -374,6 +374,42 @@ def read_variant(model:str|Path, # hub id or local diffusers folder
     sched = dict(DDIMScheduler.load_config(model, subfolder="scheduler", **hub))
     den = dict(DiffusionPipeline.load_config(model, subfolder="transformer" if family in ("sd3", "flux") else "unet", **hub))
     return model_variant(family, sched, den)
+
+# %% ../nbs/00_components.ipynb #cbb6b87b
+MODEL_FILES = (KNOBS_FILE, CONFIDENCE_FILE, "vocabulary.json") # what a model says about itself for DiffEdit, beside diffusers' own files
+
+def model_file(model:str|Path, # hub id or local folder
+               name:str, # a file at the top of it, e.g. "diffedit.json"
+               local_files_only:bool=False, # never contact the hub
+               **kwargs)->Path|None: # its local path, or None if the model has no such file (or the hub cannot be asked)
+    "One small file of a model: from its local folder, or its hub repo (fetched when present, from the cache offline)."
+    local = Path(str(model)).expanduser()
+    if local.is_dir(): return local/name if (local/name).is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache, constants
+    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "revision", "token")}
+    cached = try_to_load_from_cache(str(model), name, **{k: v for k, v in hub.items() if k != "token"})
+    if isinstance(cached, str): return Path(cached)
+    if constants.HF_HUB_OFFLINE or local_files_only: return None
+    try: return Path(hf_hub_download(str(model), name, etag_timeout=5, **hub))
+    except Exception: return None  # not in the repo, or no answer: the model has nothing to say
+
+def read_model_files(model:str|Path, # hub id or local folder
+                     **kwargs, # hub arguments (`local_files_only`, `revision`, `cache_dir`, `token`)
+                    )->dict: # knobs, knobs_source, vocabulary, confidence, inpaint
+    "What a model says about itself for DiffEdit, checked: its knobs (`diffedit.json`) and painter, its confidence cut-offs, the words it knows."
+    local, found = Path(str(model)).expanduser().is_dir(), {}
+    for name in MODEL_FILES:
+        found[name] = f = model_file(model, name, **kwargs)
+        if f is None and not local and name == KNOBS_FILE: break  # a hub repo without one (or no answer): ask no more
+    out = dict(knobs={}, knobs_source=KNOBS_FILE, vocabulary=None, confidence=None, inpaint=None)
+    if (f := found.get(KNOBS_FILE)) is not None:
+        out.update(knobs=read_knobs_file(f), knobs_source=str(f), inpaint=json.loads(f.read_text()).get("inpaint"))
+    if (f := found.get(CONFIDENCE_FILE)) is not None:
+        try: d = json.loads(f.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
+        out["confidence"] = check_cuts(d.get("cuts") if isinstance(d, dict) else d, f)
+    if (f := found.get("vocabulary.json")) is not None: out["vocabulary"] = json.loads(f.read_text())
+    return out
 
 # %% ../nbs/00_components.ipynb #4702227e
 _BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3", "rich": "shapes_rich", "inpaint": "shapes_inpaint"}

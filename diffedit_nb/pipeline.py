@@ -15,8 +15,9 @@ import cv2
 from tqdm.auto import tqdm
 import torch
 from PIL import Image
-from .defaults import DEFAULTS, DEFAULT, DEFAULT_MODEL, KNOBS, KNOBS_FILE, Knobs, ResolvedKnobs, check_knobs, read_knobs_file, resolve_knobs
-from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path
+from .defaults import DEFAULTS, DEFAULT, DEFAULT_MODEL, KNOBS, KNOBS_FILE, Knobs, ResolvedKnobs, check_knobs, resolve_knobs
+from .defaults import CONFIDENCE_CUTS, CONFIDENCE_FILE, check_cuts
+from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path, read_model_files
 from .encode import load_image, model_size, encode, decode, show_images, image_processor
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
@@ -26,10 +27,9 @@ from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'CONFIDENCE_CUTS', 'CONFIDENCE_FILE', 'MaskResult', 'EditResult',
-           'composite', 'mask_image_of', 'resolve_model', 'pipe_components', 'load_knobs', 'DiffEdit', 'check_prompts',
-           'Prepared', 'load_mask', 'check_cuts', 'confidence_signs', 'mask_confidence', 'Job', 'sd_predict_rows',
-           'as_queries', 'warn_low_confidence', 'edit_result']
+__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'mask_image_of',
+           'resolve_model', 'pipe_components', 'DiffEdit', 'check_prompts', 'Prepared', 'load_mask', 'confidence_signs',
+           'mask_confidence', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence', 'edit_result']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -106,29 +106,6 @@ def _check_denoiser(sd:SDComponents):
     if sd.family == "flux" and sd.dtype == torch.float16:
         warnings.warn("Flux overflows in float16 (NaN or black images); load it in bfloat16 (the default on a GPU).", stacklevel=3)
 
-def _load_vocabulary(model)->dict|None:
-    "The words a model folder says its model knows (`vocabulary.json`: category -> words), or None."
-    f = Path(str(model)).expanduser()/"vocabulary.json"
-    return json.loads(f.read_text()) if f.is_file() else None
-
-def _load_confidence(model)->dict|None:
-    "The confidence cut-offs a model folder carries for itself (`confidence.json`: {\"cuts\": {sign: [doubtful below, typical]}}), checked; or None."
-    f = Path(str(model)).expanduser()/CONFIDENCE_FILE
-    if not f.is_file(): return None
-    try: d = json.loads(f.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
-    return check_cuts(d.get("cuts") if isinstance(d, dict) else d, f)
-
-def _load_painter(model)->str|None:
-    "The painter a model folder names for itself (`diffedit.json`'s \"inpaint\": a bundled name, hub id or folder), or None."
-    f = Path(str(model)).expanduser()/KNOBS_FILE
-    return json.loads(f.read_text()).get("inpaint") if f.is_file() else None
-
-def load_knobs(model)->tuple:
-    "The knobs a model folder carries for itself (`diffedit.json`, checked) and the file's path; ({}, '') if it has none."
-    f = Path(str(model)).expanduser()/KNOBS_FILE
-    return (read_knobs_file(f), str(f)) if f.is_file() else ({}, KNOBS_FILE)
-
 class DiffEdit:
     "DiffEdit: mask where `ref` and `query` disagree, then repaint only there."
     def __init__(self, sd:SDComponents,
@@ -176,15 +153,15 @@ class DiffEdit:
                         **kwargs):
         "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5); an inpainting checkpoint (SD, SDXL, Flux Fill) both masks and paints."
         model = resolve_model(model)
-        knobs, source = load_knobs(model)
         sd = load_sd(model, device=device, dtype=dtype, **kwargs)
-        if inpaint is DEFAULT: inpaint = _load_painter(model)
+        own = read_model_files(model, **kwargs)  # diffedit.json, confidence.json, vocabulary.json: the folder's, or the hub repo's
+        if inpaint is DEFAULT: inpaint = own["inpaint"]
         inpaint_knobs = None
         if isinstance(inpaint, (str, Path)):
-            folder = resolve_model(inpaint); inpaint_knobs = load_knobs(folder)[0]
+            folder = resolve_model(inpaint); inpaint_knobs = read_model_files(folder)["knobs"]
             inpaint = load_sd(folder, device=sd.device, dtype=sd.dtype)
         elif inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
-        return cls(sd, _load_vocabulary(model), resolution, knobs, source, _load_confidence(model), inpaint, inpaint_knobs)
+        return cls(sd, own["vocabulary"], resolution, own["knobs"], own["knobs_source"], own["confidence"], inpaint, inpaint_knobs)
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None,
@@ -297,25 +274,6 @@ def load_mask(mask, # see `_MASK_ACCEPTED`
 
 # %% ../nbs/05_pipeline.ipynb #998e691f
 CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful
-# per sign: (the value where a mask becomes doubtful, the median of good masks): chosen on the tuning scenes (seeds 500-549: right and
-# wrong references, large objects, photo composites; 200 masks) of the bundled shapes model, the smallest cuts that warn on at most
-# 5 % of the masks with IoU > 0.9 (there: 4 %, and on 90 % of those with IoU < 0.5); they belong to that model: another's maps may sit elsewhere
-CONFIDENCE_CUTS = dict(separation=(0.033, 0.523), mass=(0.276, 0.618), agreement=(0.606, 0.868))
-CONFIDENCE_FILE = "confidence.json" # a model folder's own cut-offs, where its maps sit elsewhere (the bundled shapes-rich and shapes-sd3)
-
-def check_cuts(cuts, where:str|Path="confidence_cuts")->dict:
-    "Confidence cut-offs checked: each sign of `confidence_signs` -> (doubtful below, typical of a good mask), two numbers, the first smaller."
-    signs = tuple(CONFIDENCE_CUTS)
-    if not isinstance(cuts, dict) or set(cuts) != set(signs):
-        raise ValueError(f"{where}: the confidence cut-offs must name exactly the signs {', '.join(signs)}; got {cuts!r:.80}.")
-    out = {}
-    for k in signs:
-        v = cuts[k]
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, Real) and not isinstance(x, bool) and np.isfinite(x) for x in v) and v[0] < v[1]):
-            raise ValueError(f"{where}: {k} must be two numbers [doubtful below, typical of a good mask], the first smaller; got {v!r}.")
-        out[k] = (float(v[0]), float(v[1]))
-    return out
-
 def confidence_signs(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
                      mask:np.ndarray, # bool (h, w): the mask on the latent grid
                     )->dict:
