@@ -143,22 +143,23 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
                 out[i] = self.remove(it.image, it.ref, mask_image=it.mask_image, seed=item_seed(it, seed), progress=progress, **{**knobs, **it.knobs})
                 continue
             k = self.knobs(**{**knobs, **it.knobs}); check_knobs(k)
+            kp = self.paint_knobs(k, {**knobs, **it.knobs})  # the repaint's knobs (an inpainting painter's own steps, guidance)
             prep = self._prepare(it.image)
             job = Job(prep, it.ref, [it.query], make_generator(item_seed(it, seed)))
             if it.mask_image is not None: job.given = self._given_alpha(prep, it.mask_image, k, snap={**knobs, **it.knobs}.get("refine") is True)
-            groups.setdefault(_group_key(prep, k), []).append((i, job, k))
+            groups.setdefault((_group_key(prep, k), kp), []).append((i, job, k, kp))
         except Exception as e:
             if errors == "raise": raise
             out[i] = e
     for members in groups.values():
-        idx, jobs, k = [m[0] for m in members], [m[1] for m in members], members[0][2]
+        idx, jobs, k, kp = [m[0] for m in members], [m[1] for m in members], members[0][2], members[0][3]
         try:
             masks = self._masks(jobs, k, model_scheduler(self.sd, k.steps, jobs[0].prep.latents), None, progress)
-            edits = self._edit(jobs, masks, k, None, progress)
+            edits = self._edit(jobs, masks, kp, None, progress)
             for i, job, m, e in zip(idx, jobs, masks, edits):
                 (alpha, mm, conf), = m
                 warn_low_confidence(conf, job.ref, job.queries[0])
-                out[i] = edit_result(job.prep, alpha, mm, conf, k, e[0])
+                out[i] = edit_result(job.prep, alpha, mm, conf, kp, e[0])
         except Exception as e:
             if errors == "raise": raise
             for i in idx: out[i] = e

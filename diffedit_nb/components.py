@@ -268,7 +268,7 @@ def check_model_source(model:str, # hub id or local folder
                                           f"(e.g. {DEFAULT_MODEL!r}) or {_LAYOUT}.")
     cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
     if constants.HF_HUB_OFFLINE or local_files_only:
-        if cached: return {}
+        if cached: return dict(local_files_only=True)  # else diffusers still asks the hub about sharded weights, and stops offline
         why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True was given"
         raise OSError(f"The hub id {model!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
                       f"({why}): download it once on a machine with internet, or pass a local folder. {_OFFLINE_HINT}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re, sys, json, hashlib, difflib, warnings
 from collections import OrderedDict
 from numbers import Real
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 from pathlib import Path
 import numpy as np
@@ -27,7 +27,7 @@ from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['BUNDLED', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'mask_image_of',
+__all__ = ['BUNDLED', 'PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'mask_image_of',
            'resolve_model', 'pipe_components', 'DiffEdit', 'check_prompts', 'Prepared', 'load_mask', 'confidence_signs',
            'mask_confidence', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence', 'edit_result']
 
@@ -106,6 +106,8 @@ def _check_denoiser(sd:SDComponents):
     if sd.family == "flux" and sd.dtype == torch.float16:
         warnings.warn("Flux overflows in float16 (NaN or black images); load it in bfloat16 (the default on a GPU).", stacklevel=3)
 
+PAINT_KNOBS = ("steps", "guidance_scale", "spacing", "sampler") # what a painter's own `diffedit.json` sets for its repaints (`DiffEdit.paint_knobs`)
+
 class DiffEdit:
     "DiffEdit: mask where `ref` and `query` disagree, then repaint only there."
     def __init__(self, sd:SDComponents,
@@ -170,6 +172,14 @@ class DiffEdit:
         "Reuse the components of a loaded diffusers Stable Diffusion, SDXL, SD3 or Flux pipeline, or their inpainting pipelines (no copy; offloaded or quantised parts too)."
         if inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
         return cls(pipe_components(pipe), resolution=resolution, inpaint=inpaint)
+
+    def paint_knobs(self, k:Knobs, # the edit's knobs
+                    given:dict, # the knobs the caller gave
+                   )->Knobs:
+        "The knobs of the repaint: where the inpainting painter paints, its folder's own steps, guidance, grid and sampler, unless given."
+        if self.painter is None or k.painter != "inpaint" or self.painter is self.sd: return k
+        own = {n: v for n, v in self.inpaint_knobs.items() if n in PAINT_KNOBS and n not in given}
+        return replace(k, **own) if own else k
 
     def clear_cache(self):
         "Forget the cached encodings, inversions and reference rows (e.g. after changing a component's weights)."
@@ -535,7 +545,9 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`); one per query
     masks = self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)
     for q, (_, _, conf) in zip(queries, masks[0]): warn_low_confidence(conf, ref, q)
-    # 4-5. masked, guided denoising from `start` (all queries in the same calls), decoded and put back at the input's size
+    # 4-5. masked, guided denoising from `start` (all queries in the same calls), decoded and put back at the input's size;
+    #      or the inpainting painter's repaint, with its own steps and guidance unless given (`paint_knobs`)
+    k = self.paint_knobs(k, given)
     edits = self._edit([job], masks, k, callback, progress)[0]
     out = [edit_result(prep, alpha, m, conf, k, e) for (alpha, m, conf), e in zip(masks[0], edits)]
     return out[0] if isinstance(query, str) else out

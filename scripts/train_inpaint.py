@@ -18,6 +18,9 @@ what DiffEdit's painter passes) or, a third of the time, nearest (what diffusers
 Usage (diffedit_nb installed; files go to $TRAIN_INPAINT_DIR, default the current folder):
   python train_inpaint.py train --minutes M   # train / resume from ckpt.pt (checkpoint every 5 min, save unet/ every 15)
   python train_inpaint.py save [FOLDER]       # write the UNet folder (EMA weights) from the latest checkpoint
+The bundled model: phase 1 as above (16,000-step schedule, stopped at step N, see its train_log.json), then phase 2 in its own folder:
+  train --exact --init PHASE1/ckpt.pt --lr 1.5e-4 --steps 8000 --n 16000 --first-seed 5000000 --seed 8 --minutes 62
+(phase 1 was stopped at step 4,866 when its grown masks were seen to teach the margin; phase 2 ran for its 62 minutes)
   python train_inpaint.py bundle [UNET]       # write diffedit_nb/models/shapes_inpaint from a saved UNet folder (default ./unet):
                                               # its UNet and configs; VAE, tokenizer and text encoder are shapes-rich's (parts.json)
 Training seeds: scenes from 4,000,000 (held-out and tuning seeds are < 1,000).
@@ -39,7 +42,12 @@ BASE = shapes_model_path("rich")
 HERE = Path(os.environ.get("TRAIN_INPAINT_DIR", ".")).resolve()
 CKPT, OUT, LOG = HERE / "ckpt.pt", HERE / "unet", HERE / "train.log"
 RECIPE = dict(n=32000, steps=16000, bs=32, lr=2e-4, warmup=200, wd=0.01, ema=0.999, p_uncond=0.1, clip=1.0, seed=7,
-              threads=1, first_seed=4_000_000, p_task=dict(object=0.45, remove=0.2, region=0.15, full=0.2), p_photo=0.2)
+              threads=1, first_seed=4_000_000, p_task=dict(object=0.45, remove=0.2, region=0.15, full=0.2), p_photo=0.2,
+              exact=False, init=None)
+# exact: object masks as DiffEdit gives them after snapping to the image's edges (75 % exact, 10 % grown 1 px, 10 % shrunk
+# 1 px, 5 % on the latent grid). The first phase grew them 0-4 px (55 %) or snapped them to the 4-px grid (25 %): the target
+# then has background inside the mask's margin, and the model learnt to paint the object a little smaller than the mask,
+# leaving a band of background at one edge of DiffEdit's exact masks. init: a checkpoint to start from (its EMA weights).
 
 def log(msg):
     line = f"{time.strftime('%H:%M:%S')} {msg}"; print(line, flush=True)
@@ -55,8 +63,13 @@ def _blob(rng, size):
     return m > 0
 
 def _vary(m, rng):
-    "An object mask as DiffEdit might give it: grown 0-4 px, shrunk 1 px, snapped to the 4-px latent grid, or boxed."
+    "An object mask as DiffEdit might give it: grown 0-4 px, shrunk 1 px, snapped to the 4-px latent grid, or boxed (`exact`: mostly exact)."
     u = rng.random()
+    if RECIPE["exact"]:
+        if u < 0.75: return m
+        if u < 0.85: return binary_dilation(m)
+        if u < 0.95: e = binary_erosion(m); return e if e.any() else m
+        s = m.shape[0]; g = m.reshape(s // 4, 4, s // 4, 4).any((1, 3)); return np.repeat(np.repeat(g, 4, 0), 4, 1)
     if u < 0.55: k = int(rng.integers(0, 5)); return binary_dilation(m, iterations=k) if k else m
     if u < 0.65: e = binary_erosion(m); return e if e.any() else m
     if u < 0.9:  # the latent cells it touches
@@ -97,7 +110,7 @@ def data():
     f = HERE / "data.pt"
     if f.exists():
         d = torch.load(f)
-        if d["n"] != RECIPE["n"] or d["first_seed"] != RECIPE["first_seed"]: sys.exit(f"{f} holds another data set: delete it")
+        if d["n"] != RECIPE["n"] or d["first_seed"] != RECIPE["first_seed"] or d.get("exact", False) != RECIPE["exact"]: sys.exit(f"{f} holds another data set: delete it")
         return d
     t0 = time.time(); vae = AutoencoderKL.from_pretrained(BASE, subfolder="vae").eval()
     tm, ts, mm, ms, masks, caps = [], [], [], [], [], []
@@ -110,7 +123,7 @@ def data():
         tm.append(d1.mean.half()); ts.append(d1.std.half()); mm.append(d2.mean.half()); ms.append(d2.std.half())
         masks.append(m[:, 0]); caps += [s[2] for s in ss]
         if a % 2560 == 0: log(f"data {a}/{RECIPE['n']} ({time.time() - t0:.0f} s)")
-    d = dict(n=RECIPE["n"], first_seed=RECIPE["first_seed"], tm=torch.cat(tm), ts=torch.cat(ts), mm=torch.cat(mm),
+    d = dict(n=RECIPE["n"], first_seed=RECIPE["first_seed"], exact=RECIPE["exact"], tm=torch.cat(tm), ts=torch.cat(ts), mm=torch.cat(mm),
              ms=torch.cat(ms), masks=torch.cat(masks), caps=caps, sf=vae.config.scaling_factor)
     torch.save(d, f); log(f"data: {len(caps)} samples rendered and encoded in {time.time() - t0:.0f} s")
     return d
@@ -141,6 +154,8 @@ def train(minutes):
     opt = torch.optim.AdamW(unet.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["wd"])
     ema = copy.deepcopy(unet).requires_grad_(False)
     g = torch.Generator().manual_seed(RECIPE["seed"]); step, losses = 0, []
+    if RECIPE["init"] and not CKPT.exists():  # a second phase: the first phase's EMA weights, a fresh optimiser
+        w = torch.load(RECIPE["init"], weights_only=False)["ema"]; unet.load_state_dict(w); ema.load_state_dict(w); log(f"weights from {RECIPE['init']}")
     if CKPT.exists():
         ck = torch.load(CKPT, weights_only=False)
         unet.load_state_dict(ck["unet"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"]); g.set_state(ck["g"])
@@ -207,7 +222,14 @@ if __name__ == "__main__":
     ap.add_argument("--minutes", type=float, default=600)
     ap.add_argument("--steps", type=int, default=None, help="total steps (the learning-rate schedule's length)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None); ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=None); ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--exact", action="store_true", help="object masks as DiffEdit's snapped masks: mostly exact (see RECIPE)")
+    ap.add_argument("--init", default=None, help="a checkpoint (ckpt.pt) to start from: its EMA weights")
     a = ap.parse_args(); HERE.mkdir(parents=True, exist_ok=True)
+    for k in ("lr", "n", "first_seed", "seed", "init"):
+        if getattr(a, k) is not None: RECIPE[k] = getattr(a, k)
+    if a.exact: RECIPE["exact"] = True
     if a.steps: RECIPE["steps"] = a.steps
     if a.threads: RECIPE["threads"] = a.threads
     if a.cmd == "train": train(a.minutes)
