@@ -21,8 +21,19 @@ def _threshold(v:str):
     try: return float(v)
     except ValueError: raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'otsu'; got {v!r}") from None
 
+class _Parser(argparse.ArgumentParser):
+    "argparse, with the nearest option named for an unknown one (`--treshold`: did you mean `--threshold`?) and one usage line."
+    def error(self, message):
+        import difflib, re
+        opts = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = [f"did you mean {m[0]}?" for w in re.findall(r"(--[\w-]+)", message.split(":", 1)[-1]) if w not in opts
+                 and (m := difflib.get_close_matches(w, opts, n=1, cutoff=0.7))] if "unrecognized arguments" in message else []
+        self.exit(2, f"usage: {self.prog} IMAGE --ref TEXT --query TEXT -o OUT [options]  (diffedit --help)\n{self.prog}: error: {message}"
+                     + (f" ({'; '.join(hints)})" if hints else "") + "\n")
+
 def _parser():
-    p = argparse.ArgumentParser(prog="diffedit", description="DiffEdit: edit IMAGE so that what --ref describes becomes --query. "
+    p = _Parser(prog="diffedit", epilog="diffedit app [--model M] [--inpaint M] [--share]: the web app (edit by looking; diffedit app --help).",
+                description="DiffEdit: edit IMAGE so that what --ref describes becomes --query. "
         "Several images, a folder or a --manifest edit into the folder -o, in batches; under torchrun or accelerate launch the items are "
         "split between the processes. Exit codes: 0 all edited, 1 some failed, 130 interrupted (run again to resume).")
     p.add_argument("--version", action="version", version=f"diffedit_nb {__version__}")
@@ -105,9 +116,11 @@ def _show_defaults(model:str)->str:
     from diffedit_nb.components import read_model_files
     from diffedit_nb.components import read_variant
     from diffedit_nb.defaults import resolve_knobs, VARIANTS
+    from diffedit_nb.components import check_model_source
     m = resolve_model(model)
-    variant = read_variant(m)
-    own = read_model_files(m); knobs, source = own["knobs"], own["knobs_source"]
+    hub = check_model_source(str(m))  # a hub id offline: one line ("cannot reach the hub"), at once, not the hub client's retries
+    variant = read_variant(m, **hub)
+    own = read_model_files(m, **hub); knobs, source = own["knobs"], own["knobs_source"]
     import diffedit_nb; pkg = Path(diffedit_nb.__file__).resolve().parent  # a bundled model's file: named inside the package, not by this machine's path
     from diffedit_nb.components import cache_dir
     built = (cache_dir() / "models").resolve()  # a bundled model assembled from its parts on first use: its diffedit.json is the package's

@@ -396,14 +396,16 @@ def model_file(model:str|Path, # hub id or local folder
 def read_model_files(model:str|Path, # hub id or local folder
                      **kwargs, # hub arguments (`local_files_only`, `revision`, `cache_dir`, `token`)
                     )->dict: # knobs, knobs_source, vocabulary, confidence, inpaint
-    "What a model says about itself for DiffEdit, checked: its knobs (`diffedit.json`) and painter, its confidence cut-offs, the words it knows."
+    "What a model says about itself for DiffEdit, checked: its knobs (`diffedit.json`), its painter (and, for a painter, whether it paints removals), its confidence cut-offs, the words it knows."
     local, found = Path(str(model)).expanduser().is_dir(), {}
     for name in MODEL_FILES:
         found[name] = f = model_file(model, name, **kwargs)
         if f is None and not local and name == KNOBS_FILE: break  # a hub repo without one (or no answer): ask no more
-    out = dict(knobs={}, knobs_source=KNOBS_FILE, vocabulary=None, confidence=None, inpaint=None)
+    out = dict(knobs={}, knobs_source=KNOBS_FILE, vocabulary=None, confidence=None, inpaint=None, paints_removals=True)
     if (f := found.get(KNOBS_FILE)) is not None:
-        out.update(knobs=read_knobs_file(f), knobs_source=str(f), inpaint=json.loads(f.read_text()).get("inpaint"))
+        knobs = read_knobs_file(f)  # checked first: a broken file is named with what is wrong in it
+        raw = json.loads(f.read_text())
+        out.update(knobs=knobs, knobs_source=str(f), inpaint=raw.get("inpaint"), paints_removals=bool(raw.get("paints_removals", True)))
     if (f := found.get(CONFIDENCE_FILE)) is not None:
         try: d = json.loads(f.read_text())
         except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None

@@ -158,7 +158,7 @@ def model_variant(family:str, # "sd", "sdxl", "sd3" or "flux" (`components.model
 
 # %% ../nbs/00_defaults.ipynb #44361e5d
 KNOBS_FILE = "diffedit.json"
-MODEL_KEYS = ("inpaint",) # what else a `diffedit.json` may say: "inpaint", the model's default painter (a bundled name, hub id or folder)
+MODEL_KEYS = ("inpaint", "paints_removals") # what else a `diffedit.json` may say: "inpaint", the model's default painter (a bundled name, hub id or folder); an inpainting model's "paints_removals": false, `DiffEdit.remove` keeps the pre-fill path unless `painter="inpaint"` is given
 
 def read_knobs_file(path:str|Path, # a `diffedit.json`
                    )->dict: # knob -> value

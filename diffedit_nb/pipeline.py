@@ -118,6 +118,7 @@ class DiffEdit:
                  confidence_cuts:dict|None=None, # the model's own cut-offs of the mask's confidence (`confidence.json`); None: `CONFIDENCE_CUTS`
                  inpaint:SDComponents|None=None, # an inpainting model to repaint the mask (`04b_inpaint`); None: `sd` itself if it is one, else the paper's repaint
                  inpaint_knobs:dict|None=None, # the painter folder's own `diffedit.json` (its `removal_prompt`: the words it paints an empty scene with)
+                 paints_removals:bool=True, # whether `remove` lets the painter fill the hole by default (a painter's `diffedit.json` may say no)
                 ):
         if resolution is not None and not (isinstance(resolution, int) and resolution >= sd.multiple):
             raise ValueError(f"resolution must be an integer >= {sd.multiple} (pixels per side) or None; got {resolution!r}.")
@@ -129,6 +130,7 @@ class DiffEdit:
             _check_denoiser(inpaint)
         self.painter = inpaint if inpaint is not None else sd if sd.inpaint else None
         self.inpaint_knobs = dict(knobs or {}) if self.painter is sd else dict(inpaint_knobs or {})
+        self.paints_removals = paints_removals
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
         self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
@@ -158,12 +160,13 @@ class DiffEdit:
         sd = load_sd(model, device=device, dtype=dtype, **kwargs)
         own = read_model_files(model, **kwargs)  # diffedit.json, confidence.json, vocabulary.json: the folder's, or the hub repo's
         if inpaint is DEFAULT: inpaint = own["inpaint"]
-        inpaint_knobs = None
+        inpaint_knobs, removes = None, own["paints_removals"]
         if isinstance(inpaint, (str, Path)):
-            folder = resolve_model(inpaint); inpaint_knobs = read_model_files(folder)["knobs"]
+            folder = resolve_model(inpaint); theirs = read_model_files(folder)
+            inpaint_knobs, removes = theirs["knobs"], theirs["paints_removals"]
             inpaint = load_sd(folder, device=sd.device, dtype=sd.dtype)
         elif inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
-        return cls(sd, own["vocabulary"], resolution, own["knobs"], own["knobs_source"], own["confidence"], inpaint, inpaint_knobs)
+        return cls(sd, own["vocabulary"], resolution, own["knobs"], own["knobs_source"], own["confidence"], inpaint, inpaint_knobs, removes)
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None,

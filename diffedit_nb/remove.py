@@ -61,7 +61,7 @@ def remove(self:DiffEdit, image, # path, URL, PIL image or bytes
             hole, confidence, mask_map = found.mask, found.confidence, found.mask_map
         else: hole, confidence, mask_map = mask_image, None, None
         a = load_mask(hole, img.size)
-        if self.painter is not None and k.painter == "inpaint":  # 2-3. an inpainting model fills the hole itself, from pure noise, seeing around it
+        if self.painter is not None and k.painter == "inpaint" and (self.paints_removals or "painter" in knobs):  # 2-3. an inpainting model fills the hole itself, from pure noise, seeing around it
             if removal_prompt is DEFAULT: fill = self.inpaint_knobs.get("removal_prompt", fill)  # the painter's own words for an empty scene
             warnings.filterwarnings("ignore", message="This model knows only")  # they are the painter's words, not the mask model's
             res = self(img, ref=ref, query=fill, mask_image=a, removal_prompt=removal_prompt, removal_start=removal_start,
