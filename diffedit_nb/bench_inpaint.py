@@ -11,7 +11,7 @@ from PIL import Image
 from diffusers import StableDiffusionInpaintPipeline, DDIMScheduler
 from .components import SDComponents
 from .pipeline import DiffEdit
-from .shapes import COLORS, rich_scene, photo_scene, background, nearest_color, object_color, iou, far_from
+from .shapes import COLORS, rich_scene, photo_scene, background, nearest_color, object_color, iou
 from .bench import painted, psnr
 
 # %% auto #0

@@ -151,7 +151,7 @@ class SDComponents:
                      )->torch.Tensor: # (B, C, H/f, W/f) scaled latents (the posterior's mean)
         "Scaled VAE latents of pixel tensors, the VAE run in float32 where it overflows in half precision (SDXL's `force_upcast`)."
         vae, dt = self.vae, self.vae.dtype
-        up = dt == torch.float16 and getattr(vae.config, "force_upcast", False)
+        up = self.family == "sdxl" and dt == torch.float16 and getattr(vae.config, "force_upcast", False)  # as `encode.vae_precision`
         if up: vae.to(torch.float32)
         try: lat = vae.encode(x.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mean
         finally:

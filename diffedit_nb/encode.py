@@ -108,10 +108,7 @@ def encode(sd:SDComponents, image:Image.Image, # an RGB image (see `load_image`)
           )->torch.Tensor: # scaled latents, shape (1, 4, height/f, width/f), in the UNet's dtype
     "Encode `image` into scaled VAE latents at the model's working size."
     w, h = size or model_size(image.size, sd.resolution, sd.multiple)
-    with vae_precision(sd) as dt:
-        x = image_processor(sd).preprocess(image, height=h, width=w).to(get_module_execution_device(sd.vae), dt)  # offloaded: the GPU
-        lat = sd.vae.encode(x).latent_dist.mean
-    return ((lat - (sd.vae.config.shift_factor or 0.)) * sd.vae.config.scaling_factor).to(sd.device, sd.dtype)  # where the denoiser runs
+    return sd.encode_pixels(image_processor(sd).preprocess(image, height=h, width=w))  # on the VAE's device, in its precision; out where the denoiser runs
 
 # %% ../nbs/00_encode.ipynb #4a1e853d
 @torch.no_grad()
