@@ -16,7 +16,7 @@ from .bench import painted, psnr
 
 # %% auto #0
 __all__ = ['TEXTURED', 'textured_scene', 'true_background', 'edit_figures', 'color_edits', 'photo_edits', 'removal_figures',
-           'removals', 'means', 'recipe_pipe', 'run_recipe']
+           'removals', 'means', 'rim_share', 'recipe_pipe', 'run_recipe']
 
 # %% ../nbs/07b_painters.ipynb #e5c6610f
 TEXTURED = ("stripes", "checks", "blotches", "noise")
@@ -79,6 +79,20 @@ def removals(de:DiffEdit, seeds=range(60), **kw)->list:
 def means(rows:list)->dict:
     "The mean of each figure over the scenes (the region PSNR's mean in dB)."
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "seed"}
+
+# %% ../nbs/07b_painters.ipynb #84277ad0
+def rim_share(out, # the edited image (PIL or uint8 (H, W, 3))
+              obj:np.ndarray, # bool (H, W): the object's true pixels
+              source:str, # the object's colour before the edit (a `COLORS` name)
+             )->float:
+    "Share of the object's edge pixels (inside it, within 1 px of its outline) left in the `source` colour after an edit."
+    from scipy.ndimage import binary_erosion
+    o = np.asarray(out.convert("RGB") if hasattr(out, "convert") else out).astype(int)
+    edge = obj & ~binary_erosion(obj)
+    pal = np.array(list(COLORS.values()))
+    nearest = np.argmin(((o[..., None, :] - pal) ** 2).sum(-1), -1) == list(COLORS).index(source)
+    close = np.sqrt(((o - np.array(COLORS[source])) ** 2).sum(-1)) < 60
+    return float((nearest & close)[edge].mean())
 
 # %% ../nbs/07b_painters.ipynb #1c9bb5df
 def recipe_pipe(sd:SDComponents, # an SD inpainting model (`sd.inpaint`)
