@@ -41,8 +41,8 @@ def _parser():
     p.add_argument("--ref", help="what is in the image, e.g. 'a bowl of strawberries' (required)")
     p.add_argument("--query", help="what it should become, e.g. 'a bowl of apples' (required)")
     p.add_argument("-o", "--out", help="output image path (.png, .jpg, .webp, ...); a folder for several inputs, a folder or a manifest (required)")
-    p.add_argument("--manifest", help="a .csv (with a header) or .jsonl file of items: image, ref, query, and optionally out, seed, mask_image, name, knobs")
-    p.add_argument("--report", help="write one JSON line per item here (status, output, mask area, confidence, seconds, knobs)")
+    p.add_argument("--manifest", help="a .csv (with a header) or .jsonl file of items: image, ref, query, and optionally out, seed, mask_image, name, knobs; every row is checked before the model loads")
+    p.add_argument("--report", help="write one JSON line per item here (status, output, mask area, confidence, its own seconds, seed, knobs); a rerun keeps the rows of the items done before")
     p.add_argument("--batch-size", type=int, default=8, help="edits per batch, sharing every UNet call (default 8)")
     p.add_argument("--masks", action="store_true", help="with an output folder: also save each mask as <name>_mask.png")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
@@ -54,7 +54,7 @@ def _parser():
                    "(default: the one the model's diffedit.json names: shapes-inpaint for the bundled SD-layout models; --painter diffedit: the paper's repaint)")
     p.add_argument("--vae", default=None, help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
     p.add_argument("--resolution", type=int, default=None, help="image side the model works at (default: the model's, 512 for SD 1.5, 1024 for SDXL, SD3, Flux)")
-    p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0); with several images, each item without a seed of its own gets the edit it would get alone with this seed")
     k = p.add_argument_group("knobs", "Their defaults depend on the model: the model folder's diffedit.json, else its family's published "
                              "settings (SD 1.x: 50 steps from 0.8, guidance 7.5; SDXL: 50, 5.0; SD3: 28, 7.0; Flux-dev: 28, 3.5; "
                              "Flux-schnell: 4 steps, no guidance), else the generic ones. --show-defaults prints them for --model.")
@@ -163,12 +163,8 @@ def _main_batch(a, given:dict)->int:
     if a.manifest:
         if a.image: raise CLIError("give the images in the manifest or on the command line, not both")
         from diffedit_nb.batch import read_manifest
-        items = read_manifest(a.manifest)
-        for r in items:  # a row's own remove / ref / query, else the command line's
-            if not any(r.get(k) for k in ("remove", "ref", "query")) and a.remove is not None: r["remove"] = a.remove
-            if not r.get("remove"): r.setdefault("ref", a.ref); r.setdefault("query", a.query)
-            r.pop("_line", None)
-            if r.get("seed") is not None: r["seed"] = int(r["seed"])
+        # every row checked now, before the model loads (a row's own remove / ref / query, else the command line's): one error naming every bad line
+        items = read_manifest(a.manifest, knobs=given, defaults=dict(ref=a.ref, query=a.query, remove=a.remove))
     elif a.remove is not None:
         if not a.remove.strip(): raise CLIError("--remove is empty: say what to remove, e.g. 'a red circle'")
         items = [dict(image=x, remove=a.remove) for x in _images_in(a.image)]
@@ -176,15 +172,17 @@ def _main_batch(a, given:dict)->int:
         if a.ref is None or a.query is None: raise CLIError("--ref and --query are required (or --remove, or a --manifest with ref and query columns)")
         _check_prompts(a.ref, a.query)
         items = [dict(image=x, ref=a.ref, query=a.query) for x in _images_in(a.image)]
-    from diffedit_nb.batch import run_items, process_state, as_item, plan_outputs
+    from diffedit_nb.batch import run_items, process_state, as_item, plan_outputs, read_report
     plan_outputs([as_item(x, i) for i, x in enumerate(items)], out)  # names and formats checked before the model loads
+    if a.report: read_report(a.report)  # an earlier report (merged into the new one) readable, before the model loads
     state = process_state()
     main_proc = state is None or state.is_main_process
     de = _load(a, None if state is None else state.device)
     from tqdm.auto import tqdm
     say = lambda msg: tqdm.write(msg, file=sys.stderr)
     def on_item(row):
-        if row["status"] == "failed": say(f"diffedit: failed: {row['name']}: {row['error']}")
+        if row["status"] == "failed":  # the item's name, unless the error names its file already (a path ends with the name): a path once
+            say(f"diffedit: failed: {row['error']}" if f"{row['name']}'" in row["error"] else f"diffedit: failed: {row['name']}: {row['error']}")
         for w in row.get("warnings") or []: say(f"diffedit: warning: {row['name']}: {w}")
     try:
         rows = run_items(de, items, out, force=a.force, report=a.report, batch_size=a.batch_size, seed=a.seed, masks=a.masks,
@@ -214,7 +212,8 @@ def _app(argv:list)->int:
         print("diffedit: error: the app needs Gradio: pip install 'diffedit_nb[app]'", file=sys.stderr); return 1
     from diffedit_nb.app import serve
     try: serve(a.model, a.host, a.port, a.share, a.device, a.dtype, inpaint=a.inpaint)
-    except KeyboardInterrupt: return 0
+    except KeyboardInterrupt:  # Ctrl-C while loading or serving (`serve` closes the app first): exit 130, as an interrupted edit
+        print("diffedit: interrupted; the app is closed", file=sys.stderr); return 130
     except Exception as e:
         print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr); return 1
     return 0
@@ -260,7 +259,8 @@ def main(argv:list|None=None)->int:
         print("diffedit: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception as e:  # one line, no traceback; the message names the input and what is accepted
-        print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+        more = [_one_line(p) for p in str(e).splitlines()[1:]] if getattr(e, "problems", None) else []  # bad manifest rows: a line each
+        print(f"diffedit: error: {_one_line(str(e).splitlines()[0] if more else e) or type(e).__name__}", *(f"  {p}" for p in more), sep="\n", file=sys.stderr)
         return 1
     if not a.quiet:
         from tqdm.auto import tqdm

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_app.ipynb #c1f54117
 from __future__ import annotations
-import atexit, shutil, tempfile, threading, warnings
+import atexit, shutil, tempfile, threading, time, warnings
 from pathlib import Path
 import numpy as np
 import cv2
@@ -12,9 +12,11 @@ from PIL import Image
 from .pipeline import DiffEdit, as_queries
 from .defaults import DEFAULT
 from .explore import Explorer
+from .mask import otsu_threshold, resize_map
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_PIXELS', 'MAX_PROMPT', 'MAX_QUERIES', 'AppError', 'check_request', 'corrected_mask', 'outlined',
+           'model_note', 'example_label', 'threshold_control', 'used_threshold', 'threshold_note', 'mask_view',
            'build_app', 'serve']
 
 # %% ../nbs/14_app.ipynb #2018b7f9
@@ -59,8 +61,35 @@ def outlined(image:Image.Image, mask:np.ndarray)->Image.Image:
     return Image.fromarray(a)
 
 # %% ../nbs/14_app.ipynb #656b5c08
+def model_note(de:DiffEdit, model:str|None=None)->str:
+    "The page's line on the model: its name and, for a model with a vocabulary (the bundled ones), the words it knows."
+    name = model or getattr(de.sd.denoiser.config, "_name_or_path", None) or "a model loaded in Python"
+    words = "; ".join(f"{cat}: {', '.join(ws)}" for cat, ws in (de.vocabulary or {}).items())
+    return f"**Model:** `{name}`" + (f". **The words it knows** (others are not followed): {words}" if words else "")
+
+def example_label(ref:str, query:str)->str: return f"{ref} → {'; '.join(query.splitlines())}"
+
+def threshold_control(otsu:bool)->dict:
+    "The threshold slider's state: set by hand, or off while Otsu's threshold is ticked (Otsu's picks it from the map)."
+    return dict(interactive=not otsu, label="threshold (not used: Otsu's picks it; untick Otsu's to set it)" if otsu else "threshold")
+
+def used_threshold(ex:Explorer, threshold:float, otsu:bool)->float:
+    "The threshold the mask is cut at: Otsu's on `ex`'s map when `otsu`, else `threshold` (the slider's)."
+    return otsu_threshold(resize_map(ex.map(), ex.image.shape[1::-1])) if otsu else float(threshold)
+
+def threshold_note(t:float, otsu:bool)->str: return f"threshold {float(t):.2f} ({'Otsu' if otsu else 'the slider'}'s)"
+
+def mask_view(ex:Explorer, threshold:float, otsu:bool, refine:bool)->tuple: # (map, mask at the input's size, info line)
+    "What the page shows for these controls: the map, the mask, and a line with the mask's share and the threshold used."
+    t = used_threshold(ex, threshold, otsu)
+    a = ex.alpha(threshold=t, refine=bool(refine)) > 0
+    mask = Image.fromarray((a * 255).astype(np.uint8)).resize(ex.prep.original.size, Image.Resampling.NEAREST)
+    m = Image.fromarray((np.clip(ex.map(), 0, 1) * 255).astype(np.uint8)).resize(ex.prep.original.size, Image.Resampling.BILINEAR)
+    return m, mask, f"mask: {100 * a.mean():.1f} % of the image; {threshold_note(t, otsu)}"
+
 def build_app(de:DiffEdit, # the model to edit with
               examples:list|None=None, # (image path, ref, query) rows shown under the inputs
+              model:str|None=None, # the model's name shown on the page (default: the one its weights were loaded from)
              ):
     "The Gradio app (a `gr.Blocks`), not started: `.launch()` it, or `serve`."
     import os
@@ -80,17 +109,17 @@ def build_app(de:DiffEdit, # the model to edit with
         except Exception as e: raise error(e)
     def redraw(ex, threshold, otsu, refine):
         if ex is None: return None, None, "Compute the mask first."
-        a = ex.alpha(threshold="otsu" if otsu else float(threshold), refine=bool(refine)) > 0
-        mask = Image.fromarray((a * 255).astype(np.uint8)).resize(ex.prep.original.size, Image.Resampling.NEAREST)
-        m = (np.clip(ex.map(), 0, 1) * 255).astype(np.uint8)
-        return Image.fromarray(m).resize(ex.prep.original.size, Image.Resampling.BILINEAR), {"background": mask.convert("RGB"), "layers": [], "composite": mask.convert("RGB")}, \
-               f"mask: {100 * a.mean():.1f} % of the image"
-    def edit(ex, image, ref, query, editor, start, steps, guidance):
+        m, mask, info = mask_view(ex, threshold, otsu, refine)
+        return m, {"background": mask.convert("RGB"), "layers": [], "composite": mask.convert("RGB")}, info
+    def edit(ex, image, ref, query, editor, start, steps, guidance, threshold, otsu, refine):
         try:
             if ex is None: raise AppError("Compute the mask first.")
             image, ref, queries = check_request(image, ref, query)
             mask = corrected_mask(editor, image.size[::-1])
             if not mask.any(): raise AppError("The mask is empty: paint the region to edit, or lower the threshold.")
+            brushed = not np.array_equal(mask, np.asarray(mask_view(ex, threshold, otsu, refine)[1]) > 127)
+            info = f"edited with the mask on screen: {100 * mask.mean():.1f} % of the image; {threshold_note(used_threshold(ex, threshold, otsu), otsu)}" \
+                   + ("; corrected with the brush" if brushed else "")
             with lock, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results = de(image, ref=ref, query=queries, mask_image=mask, seed=ex.seed, start=float(start), steps=int(steps),
@@ -102,12 +131,13 @@ def build_app(de:DiffEdit, # the model to edit with
             def saved(img, name): img.save(out / name); return str(out / name)
             edits = [saved(r.image, f"edit_{i}.png") for i, r in enumerate(results)]
             shown = [(saved(outlined(image, mask), "outlined.png"), "original, the mask outlined")] + list(zip(edits, queries))
-            return edits[0], shown, edits + [saved(Image.fromarray((mask * 255).astype(np.uint8)), "mask.png")]
+            return edits[0], shown, edits + [saved(Image.fromarray((mask * 255).astype(np.uint8)), "mask.png")], info
         except Exception as e: raise error(e)
     k = de.defaults.knobs
     with gr.Blocks(title="DiffEdit") as app:
         gr.Markdown("## DiffEdit: say what is in the image and what it should become\nThe mask is where the two prompts disagree; "
                     "only it is repainted. Move the threshold, paint the mask (white adds, black erases), then Edit.")
+        gr.Markdown(model_note(de, model), elem_id="model")
         ex = gr.State(None)
         with gr.Row():
             with gr.Column():
@@ -115,7 +145,8 @@ def build_app(de:DiffEdit, # the model to edit with
                 ref = gr.Textbox(label="reference: what is in the image", placeholder="a red circle", elem_id="ref")
                 query = gr.Textbox(label="query: what it should become (several: one per line)", placeholder="a blue circle", lines=2, elem_id="query")
                 mask_btn = gr.Button("Compute the mask", elem_id="mask_btn")
-                if examples: gr.Examples(examples, [image, ref, query])
+                if examples: gr.Examples(examples, [image, ref, query], label="examples: reference → query (click one to load it)",
+                                         example_labels=[example_label(r, q) for _, r, q in examples], elem_id="examples")
             with gr.Column():
                 mask_map = gr.Image(label="difference map", interactive=False, elem_id="map")
                 editor = gr.ImageEditor(label="mask (brush: white adds, black erases)", type="numpy", image_mode="RGB", elem_id="mask_editor",
@@ -125,7 +156,7 @@ def build_app(de:DiffEdit, # the model to edit with
                 with gr.Row():
                     otsu = gr.Checkbox(value=k.threshold == "otsu", label="Otsu's threshold", elem_id="otsu")
                     refine = gr.Checkbox(value=k.refine, label="snap to edges", elem_id="refine")
-                threshold = gr.Slider(0, 1, value=0.5 if k.threshold == "otsu" else k.threshold, step=0.01, label="threshold", elem_id="threshold")
+                threshold = gr.Slider(0, 1, value=0.5 if k.threshold == "otsu" else k.threshold, step=0.01, elem_id="threshold", **threshold_control(k.threshold == "otsu"))
         with gr.Row():
             start = gr.Slider(0.1, 1, value=k.start, step=0.05, label="start (noise level)")
             steps = gr.Slider(1, 100, value=k.steps, step=1, label="steps")
@@ -136,8 +167,9 @@ def build_app(de:DiffEdit, # the model to edit with
             compare = gr.Gallery(label="original | edit", columns=4, elem_id="compare", format="png")
         files = gr.File(label="download the edit and the mask", file_count="multiple", elem_id="files")
         mask_btn.click(compute, [image, ref, query, threshold, otsu, refine], [ex, mask_map, editor, info])
-        for c in (threshold, otsu, refine): c.change(redraw, [ex, threshold, otsu, refine], [mask_map, editor, info], queue=False)
-        edit_btn.click(edit, [ex, image, ref, query, editor, start, steps, guidance], [result, compare, files])
+        for c in (threshold, refine): c.change(redraw, [ex, threshold, otsu, refine], [mask_map, editor, info], queue=False)
+        otsu.change(lambda *a: (*redraw(*a), gr.update(**threshold_control(a[2]))), [ex, threshold, otsu, refine], [mask_map, editor, info, threshold], queue=False)
+        edit_btn.click(edit, [ex, image, ref, query, editor, start, steps, guidance, threshold, otsu, refine], [result, compare, files, info])
     app.queue(default_concurrency_limit=1)
     app.diffedit_tmp = tmp
     close = app.close
@@ -150,12 +182,21 @@ def build_app(de:DiffEdit, # the model to edit with
 def serve(model:str="shapes", host:str="127.0.0.1", port:int=7860, share:bool=False, device=None, dtype=None, quiet:bool=False, block:bool=True,
           inpaint=DEFAULT, # an inpainting model to repaint with (`DiffEdit.from_pretrained(inpaint=)`; default: the model folder's)
          ):
-    "Load `model` and start the app (the bundled shapes model with its examples by default)."
+    "Load `model` and start the app (the bundled shapes model with its examples by default). With `block`, serve until Ctrl-C, which closes the app and raises `KeyboardInterrupt` (`diffedit app` exits 130)."
     import importlib.resources
     de = DiffEdit.from_pretrained(model, device=device, dtype=dtype, inpaint=inpaint)
     ex = importlib.resources.files("diffedit_nb") / "examples"
     examples = [[str(ex / "red_circle.png"), "a red circle", "a blue circle"], [str(ex / "green_triangle.png"), "a green triangle", "a yellow triangle"],
                 [str(ex / "blue_square.png"), "a blue square", "a red square\na yellow square"]] if str(model).startswith("shapes") else None
-    app = build_app(de, examples)
-    app.launch(server_name=host, server_port=port, share=share, quiet=quiet, prevent_thread_lock=not block, show_error=True)
+    app = build_app(de, examples, model=str(model))
+    # Gradio's own lines are off: it would suggest `share=True` in `launch()`, and its Ctrl-C handler ends with exit status 0
+    try:
+        app.launch(server_name=host, server_port=port, share=share, quiet=True, prevent_thread_lock=True, show_error=True)
+        if not quiet:
+            print(f"* Running on local URL:  {app.local_url}")
+            if not share: print("* For a public link (Colab, another machine): diffedit app --share")
+            if block: print("* Ctrl-C stops the app", flush=True)
+        while block and app.is_running: time.sleep(0.1)
+    except KeyboardInterrupt:
+        app.close(); raise
     return app

@@ -4,8 +4,8 @@
 
 # %% ../nbs/05a_batch.ipynb #95e35e9e
 from __future__ import annotations
-import csv, hashlib, io, json, os, sys, time, warnings
-from dataclasses import dataclass, field, asdict
+import csv, io, json, os, sys, time, warnings
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,10 +13,12 @@ from PIL import Image
 from fastcore.basics import patch
 from .defaults import DEFAULT, KNOBS, Knobs, check_knobs, write_atomic
 from .noise import model_scheduler, make_generator
+from .denoise import check_sampler
 from .pipeline import DiffEdit, EditResult, CONFIDENCE_WARN, Job, edit_result, as_queries, check_prompts, warn_low_confidence
 
 # %% auto #0
-__all__ = ['ITEM_KEYS', 'Item', 'as_item', 'item_seed', 'read_manifest', 'process_state', 'plan_outputs', 'run_items']
+__all__ = ['ITEM_KEYS', 'Item', 'as_item', 'item_seed', 'ItemsError', 'check_items', 'read_manifest', 'process_state',
+           'plan_outputs', 'read_report', 'run_items']
 
 # %% ../nbs/05a_batch.ipynb #4bfff070
 ITEM_KEYS = ("image", "ref", "query", "seed", "out", "mask_image", "name", "knobs", "remove")
@@ -27,76 +29,137 @@ class Item:
     image: object # path, URL, PIL image or bytes
     ref: str
     query: str
-    seed: int|None = None # None: from the run's seed and `name`
+    seed: int|None = None # None: the run's seed
     out: str|None = None # where a runner writes the edit (relative: to its output folder)
     mask_image: object = None # a mask to edit with (`load_mask`)
-    name: str|None = None # what names the item in reports and seeds (default: the image's path, else its position)
+    name: str|None = None # what names the item in reports (default: the image's path, else its position)
     knobs: dict = field(default_factory=dict) # this item's knobs, over the run's
     remove: bool = False # a removal (`DiffEdit.remove`): `ref` is what to remove, `query` None (the model's `removal_prompt`)
+
+def _where(x, index:int)->str:
+    "How messages name an item: a manifest row by its line (`read_manifest`'s `_line`), else by its position."
+    return f"line {x['_line']}" if isinstance(x, dict) and "_line" in x else f"item {index}"
+
+def _as_item(x, index:int)->Item:
+    "`as_item`, its errors without the item's name."
+    if isinstance(x, Item): it = x
+    elif isinstance(x, (tuple, list)):
+        if len(x) != 3: raise ValueError(f"a row is (image, ref, query); got {len(x)} values.")
+        it = Item(*x)
+    elif isinstance(x, dict):
+        x = {k: v for k, v in x.items() if k != "_line"}
+        extra = [k for k in x if k not in ITEM_KEYS and k not in KNOBS]
+        if extra: raise ValueError(f"unknown key(s) {', '.join(map(repr, extra))}; an item has {', '.join(ITEM_KEYS)} and knobs ({', '.join(KNOBS)}).")
+        if x.get("remove") not in (None, "", False):
+            if x.get("ref") not in (None, "") or x.get("query") not in (None, ""):
+                raise ValueError("remove takes the place of ref and query; give one or the other.")
+            x = {**x, "ref": x["remove"], "query": None, "remove": True}
+        else: x = {k: v for k, v in x.items() if k != "remove"}
+        missing = [k for k in ("image", "ref") + (() if x.get("remove") else ("query",)) if x.get(k) in (None, "")]
+        if missing: raise ValueError(f"{', '.join(missing)} missing or empty; an item has an image and a ref and a query (or a remove), each non-empty.")
+        it = Item(**{k: v for k, v in x.items() if k in ITEM_KEYS})
+        it.knobs = {**dict(x.get("knobs") or {}), **{k: v for k, v in x.items() if k in KNOBS}}
+    else: raise TypeError(f"an item is an (image, ref, query) row or a dict; got {type(x).__name__}.")
+    for k_ in it.knobs:
+        if k_ not in KNOBS: raise ValueError(f"unknown knob {k_!r}; the knobs are: {', '.join(KNOBS)}.")
+    for name in ("ref",) + (() if it.remove else ("query",)):
+        v = getattr(it, name)
+        if not isinstance(v, str) or not v.strip(): raise ValueError(f"{name} must be a non-empty prompt; got {v!r}.")
+    if it.seed is not None:
+        try: it.seed = int(it.seed)
+        except (TypeError, ValueError): raise ValueError(f"seed must be an integer; got {it.seed!r}.") from None
+    if it.name is None: it.name = str(it.image) if isinstance(it.image, (str, os.PathLike)) else f"item-{index}"
+    return it
 
 def as_item(x, # an `Item`, an (image, ref, query) row, or a dict with `ITEM_KEYS` (knobs may also be top-level keys)
             index:int=0, # its position in the list (its name when nothing else names it)
            )->Item:
     "Check one item and give it a name. A dict with `remove` (what to remove) instead of `ref` and `query` is a removal."
-    if isinstance(x, Item): it = x
-    elif isinstance(x, (tuple, list)):
-        if len(x) != 3: raise ValueError(f"item {index}: a row is (image, ref, query); got {len(x)} values.")
-        it = Item(*x)
-    elif isinstance(x, dict):
-        extra = [k for k in x if k not in ITEM_KEYS and k not in KNOBS]
-        if extra: raise ValueError(f"item {index}: unknown key(s) {', '.join(map(repr, extra))}; an item has {', '.join(ITEM_KEYS)} and knobs ({', '.join(KNOBS)}).")
-        if x.get("remove") not in (None, "", False):
-            if x.get("ref") not in (None, "") or x.get("query") not in (None, ""):
-                raise ValueError(f"item {index}: remove takes the place of ref and query; give one or the other.")
-            x = {**x, "ref": x["remove"], "query": None, "remove": True}
-        else: x = {k: v for k, v in x.items() if k != "remove"}
-        missing = [k for k in ("image", "ref") + (() if x.get("remove") else ("query",)) if x.get(k) in (None, "")]
-        if missing: raise ValueError(f"item {index}: {', '.join(missing)} missing or empty.")
-        it = Item(**{k: v for k, v in x.items() if k in ITEM_KEYS})
-        it.knobs = {**dict(x.get("knobs") or {}), **{k: v for k, v in x.items() if k in KNOBS}}
-    else: raise TypeError(f"item {index}: an item is an (image, ref, query) row or a dict; got {type(x).__name__}.")
-    for k_ in it.knobs:
-        if k_ not in KNOBS: raise ValueError(f"item {index}: unknown knob {k_!r}; the knobs are: {', '.join(KNOBS)}.")
-    for name in ("ref",) + (() if it.remove else ("query",)):
-        v = getattr(it, name)
-        if not isinstance(v, str) or not v.strip(): raise ValueError(f"item {index}: {name} must be a non-empty prompt; got {v!r}.")
-    if it.seed is not None:
-        try: it.seed = int(it.seed)
-        except (TypeError, ValueError): raise ValueError(f"item {index}: seed must be an integer; got {it.seed!r}.") from None
-    if it.name is None: it.name = str(it.image) if isinstance(it.image, (str, os.PathLike)) else f"item-{index}"
-    return it
+    try: return _as_item(x, index)
+    except (ValueError, TypeError) as e: raise type(e)(f"{_where(x, index)}: {e}") from None
 
 def item_seed(item:Item, run_seed:int=0)->int:
-    "The item's seed: its own, or one drawn from the run's seed and the item's name."
-    if item.seed is not None: return item.seed
-    return int.from_bytes(hashlib.sha256(f"{run_seed}/{item.name}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+    "The item's seed: its own, else the run's (so the item gets the edit a single call with `seed=run_seed` gives)."
+    return run_seed if item.seed is None else item.seed
 
 # %% ../nbs/05a_batch.ipynb #d56adbee
-def read_manifest(path:str|Path)->list:
-    "The items of a CSV (with a header) or JSON-lines manifest, as dicts; paths relative to the manifest's folder."
+class ItemsError(ValueError):
+    "Bad items (rows of a manifest): every one named, one line each; raised before any edit."
+    def __init__(self, source:str, # the manifest's path, or "items"
+                 problems:list, # (where, what is wrong and what is accepted) pairs, in order
+                ):
+        self.source, self.problems = source, problems
+        n = len(problems)
+        super().__init__(f"{source}: {n} bad {'row' if n == 1 else 'rows'}, nothing was edited:\n" + "\n".join(f"  {w}: {m}" for w, m in problems))
+
+def _problem(x, index:int, knobs:dict, de=None):
+    "(the item, None), or (None, what is wrong with it in one line): its fields, its knobs over the run's, its local files."
+    try:
+        it = _as_item(x, index)
+        given = {**knobs, **it.knobs}
+        if de is not None: k = de.knobs(**given); check_knobs(k); check_sampler(de.sd, k.sampler)
+        else:  # no model yet: the values as given; whether Euler fits is the model's to say (a flow's sampler is Euler)
+            k = Knobs(**given); check_knobs(replace(k, sampler=None) if k.sampler == "euler" else k)
+        for f, what in (("image", "image"), ("mask_image", "mask")):
+            v = getattr(it, f)
+            if isinstance(v, (str, os.PathLike)) and not str(v).startswith(("http://", "https://")) and not Path(v).expanduser().is_file():
+                raise FileNotFoundError(f"no {what} file at {str(v)!r}.")
+        return it, None
+    except (ValueError, TypeError, FileNotFoundError) as e: return None, " ".join(str(e).split())
+
+def check_items(items:list, # as for `edit_many`
+                knobs:dict|None=None, # the run's knobs (an item's own win)
+                de:DiffEdit|None=None, # the model, once loaded: knobs checked over its defaults, and against it (a flow's sampler)
+                source:str="items", # what the error names first
+               )->list: # the `Item`s
+    "Every item checked (fields, knob values, local files) before any model work: one `ItemsError` naming every bad one."
+    its, problems = [], []
+    for i, x in enumerate(items):
+        it, bad = _problem(x, i, knobs or {}, de)
+        if bad: problems.append((_where(x, i), bad))
+        its.append(it)
+    if problems: raise ItemsError(source, problems)
+    return its
+
+def read_manifest(path:str|Path, # a .csv (with a header) or .jsonl file
+                  knobs:dict|None=None, # the run's knobs, checked with each row's
+                  defaults:dict|None=None, # ref, query or remove for the rows without their own (the command line's)
+                  check:bool=True, # check every row (`check_items`): one `ItemsError` naming every bad line
+                 )->list:
+    "The items of a CSV (with a header) or JSON-lines manifest, as dicts (`_line`: their line); paths relative to the manifest's folder."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"No manifest file at {str(path)!r}.")
+    rows, lines, problems = [], [], []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f: rows = list(csv.DictReader(f))
-        rows = [{k.strip(): v for k, v in r.items() if k and v not in (None, "")} for r in rows]
-        for r in rows:
-            for k in list(r):
-                if k in KNOBS: r[k] = _csv_value(r[k])
-        lines = range(2, len(rows) + 2)
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            for r in reader:
+                n = reader.line_num  # the header is line 1
+                if r.get(None): problems.append((n, f"{len(r[None])} more cell(s) than the header has columns; a cell holding a comma is quoted (\"a, b\").")); continue
+                r = {k.strip(): v for k, v in r.items() if k and v not in (None, "")}
+                for k in list(r):
+                    if k in KNOBS: r[k] = _csv_value(r[k])
+                rows.append(r); lines.append(n)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows, lines = [], []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip(): continue
             try: r = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
-            if not isinstance(r, dict): raise ValueError(f"{path}, line {n}: a line must be a JSON object; got {type(r).__name__}.")
+            except json.JSONDecodeError as e: problems.append((n, f"not valid JSON ({e.msg}); a line is one JSON object.")); continue
+            if not isinstance(r, dict): problems.append((n, f"a line must be a JSON object; got {type(r).__name__}.")); continue
             rows.append(r); lines.append(n)
     else: raise ValueError(f"A manifest is a .csv or .jsonl file; got {path.name!r}.")
     for r, n in zip(rows, lines):
         for k in ("image", "mask_image"):
             if isinstance(r.get(k), str) and not r[k].startswith(("http://", "https://")) and not Path(r[k]).is_absolute(): r[k] = str(path.parent / r[k])
         r.setdefault("name", str(Path(r["image"]).relative_to(path.parent)) if isinstance(r.get("image"), str) and r["image"].startswith(str(path.parent)) else r.get("image"))
+        if defaults:  # a row's own remove / ref / query, else the defaults'
+            if not any(r.get(k) for k in ("remove", "ref", "query")) and defaults.get("remove") is not None: r["remove"] = defaults["remove"]
+            if not r.get("remove"):
+                for k in ("ref", "query"):
+                    if defaults.get(k) is not None: r.setdefault(k, defaults[k])
         r["_line"] = n
+        if check and (bad := _problem(r, n, knobs or {})[1]): problems.append((n, bad))
+    if problems: raise ItemsError(str(path), [(f"line {n}", m) for n, m in sorted(problems)])
     return rows
 
 def _csv_value(v:str):
@@ -115,7 +178,7 @@ def _group_key(prep, k:Knobs): return (prep.size, prep.latents.shape, k)
 @patch
 def edit_many(self:DiffEdit, items, # `Item`s, (image, ref, query) rows or dicts (`as_item`)
               batch_size:int=8, # edits per batch: their rows share every UNet call
-              seed:int=0, # the run's seed (items without their own get one from it and their name)
+              seed:int=0, # the run's seed: every item without a seed of its own is edited with it, as `de(image, ref, query, seed=seed)` edits
               errors:str="raise", # "raise": stop at a bad item; "return": yield its exception in its place
               progress:bool=False, # tqdm bars of each batch's stages
               **knobs, # knobs for every item (an item's own win)
@@ -132,10 +195,11 @@ def edit_many(self:DiffEdit, items, # `Item`s, (image, ref, query) rows or dicts
     if chunk: yield from self._edit_chunk(chunk, seed, errors, progress, knobs)
 
 @patch
-def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
-    "Edit one chunk of (index, item) pairs, grouped by working size and knobs; yield in order."
-    out, groups = {}, {}
+def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs, times:dict|None=None):
+    "Edit one chunk of (index, item) pairs, grouped by working size and knobs; yield in order. `times`: each item's seconds (its own work and its share of its group's calls)."
+    out, groups, sec = {}, {}, {}
     for i, x in chunk:
+        t0 = time.perf_counter()
         try:
             it = as_item(x, i)
             if it.remove:  # a removal: its mask, then its repaint of another picture (the pre-filled one), so on its own
@@ -151,18 +215,22 @@ def _edit_chunk(self:DiffEdit, chunk, seed, errors, progress, knobs):
         except Exception as e:
             if errors == "raise": raise
             out[i] = e
+        finally: sec[i] = time.perf_counter() - t0
     for members in groups.values():
         idx, jobs, k, kp = [m[0] for m in members], [m[1] for m in members], members[0][2], members[0][3]
+        t0 = time.perf_counter()
         try:
             masks = self._masks(jobs, k, model_scheduler(self.sd, k.steps, jobs[0].prep.latents), None, progress)
             edits = self._edit(jobs, masks, kp, None, progress)
             for i, job, m, e in zip(idx, jobs, masks, edits):
                 (alpha, mm, conf), = m
-                warn_low_confidence(conf, job.ref, job.queries[0])
+                warn_low_confidence(conf, job.ref, job.queries[0], alpha)  # a mask of separate regions for one object says so
                 out[i] = edit_result(job.prep, alpha, mm, conf, kp, e[0])
         except Exception as e:
             if errors == "raise": raise
             for i in idx: out[i] = e
+        for i in idx: sec[i] += (time.perf_counter() - t0) / len(idx)  # the group's calls, shared by its items
+    if times is not None: times.update(sec)
     for i, _ in chunk: yield out[i]
 
 # %% ../nbs/05a_batch.ipynb #04b5f22e
@@ -186,27 +254,42 @@ def plan_outputs(items:list, # `Item`s
     for it, p in zip(items, paths):
         if p.suffix.lower() not in Image.registered_extensions(): raise ValueError(f"{it.name}: cannot tell the image format of {str(p)!r} from its extension.")
         if isinstance(it.image, (str, os.PathLike)) and Path(it.image).exists() and p.exists() and p.samefile(it.image):
-            raise ValueError(f"{it.name}: its output {str(p)!r} is its input; the input is never overwritten.")
+            raise ValueError(f"{str(p)!r} is both an item's input and its output; the input is never overwritten: give the item another out.")
     return paths
 
 def _save(img:Image.Image, path:Path):
     "Save in the format of `path`'s extension, atomically."
     buf = io.BytesIO(); img.save(buf, format=Image.registered_extensions()[path.suffix.lower()]); write_atomic(path, buf.getvalue())
 
+def read_report(path:str|Path)->list:
+    "The rows of an earlier report (none when there is no file); a file that is not a report is an error, before any work."
+    p = Path(path)
+    if not p.exists(): return []
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip(): continue
+        try: r = json.loads(line)
+        except json.JSONDecodeError: r = None
+        if not (isinstance(r, dict) and "status" in r and "output" in r):
+            raise ValueError(f"{str(p)!r} is not a report (line {n} is not a JSON object with status and output); give the report another path, or remove the file.")
+        rows.append(r)
+    return rows
+
 def run_items(de:DiffEdit, items:list, # as for `edit_many`
               out_dir:str|Path, # the folder outputs go to (created)
               force:bool=False, # redo items whose output exists
-              report:str|Path|None=None, # write one JSON line per item here
+              report:str|Path|None=None, # write one JSON line per item here (an earlier report's rows of the items skipped are kept)
               batch_size:int=8, seed:int=0,
               masks:bool=False, # also save each mask as `<output stem>_mask.png`
               progress:bool=True, # one bar over the items
               state=None, # `process_state()`: split the batches between processes
               on_item=None, # called as on_item(report row) after each item
               **knobs)->list: # the report rows of this process's items (process 0: every item's)
-    "Edit `items` into `out_dir`: skip what exists, write atomically, go on after a bad item, report; split over processes."
+    "Edit `items` into `out_dir`: check them all, skip what exists, write atomically, go on after a bad image, report; split over processes."
     from tqdm.auto import tqdm
+    its = check_items(items, knobs, de)  # every bad item named at once, before any edit
+    prev = read_report(report) if report is not None else []
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    its = [as_item(x, i) for i, x in enumerate(items)]
     outs = plan_outputs(its, out_dir)
     rows = [None] * len(its)
     for i, (it, o) in enumerate(zip(its, outs)):
@@ -221,13 +304,13 @@ def run_items(de:DiffEdit, items:list, # as for `edit_many`
     told = set()
     try:
         for b in batches:
-            t0 = time.perf_counter()
+            times = {}
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
-                got = list(de._edit_chunk([(i, its[i]) for i in b], seed, "return", False, knobs))
-            sec = (time.perf_counter() - t0) / len(b)
+                got = list(de._edit_chunk([(i, its[i]) for i in b], seed, "return", False, knobs, times))
             for i, r in zip(b, got):
-                it = its[i]; row = dict(name=it.name, seed=item_seed(it, seed), output=str(outs[i]), seconds=round(sec, 4))
+                t0, it = time.perf_counter(), its[i]
+                row = dict(name=it.name, seed=item_seed(it, seed), output=str(outs[i]))
                 if isinstance(r, Exception): row.update(status="failed", error=" ".join(f"{type(r).__name__}: {r}".split()))
                 else:
                     try:
@@ -240,25 +323,34 @@ def run_items(de:DiffEdit, items:list, # as for `edit_many`
                         row.update(status="ok", error=None, mask_area=round(float((np.asarray(r.mask) > 0).mean()), 4),
                                    confidence=None if r.confidence is None else round(r.confidence, 4), knobs=asdict(r.knobs), warnings=said or None)
                     except OSError as e: row.update(status="failed", error=f"cannot write {outs[i]}: {e}")
+                row["seconds"] = round(times[i] + time.perf_counter() - t0, 4)  # its own: its reading, its share of its group's calls, its writing
                 rows[i] = row
                 if on_item: on_item(row)
                 bar.update(1)
     finally:
         bar.close()
         done = [r for r in rows if r is not None]
-        if report is not None: _write_report(report, rows, state, mine)
+        if report is not None: _write_report(report, rows, state, mine, _keep(prev, outs))
     return done
 
-def _write_report(report, rows, state, mine):
-    "Write the report (atomically); several processes: each its part, merged by process 0 in the items' order."
+def _keep(prev:list, outs:list):
+    "The earlier report's rows to keep: an item skipped now keeps its row of the run that made it; items not in this run follow."
+    key = lambda o: Path(o).resolve()
+    at = {key(o): i for i, o in enumerate(outs)}
+    done = {at[key(r["output"])]: r for r in prev if key(r["output"]) in at and r["status"] == "ok"}
+    others = [r for r in prev if key(r["output"]) not in at]
+    return lambda rows: [done[i] if r is not None and r["status"] == "skipped" and i in done else r for i, r in enumerate(rows)] + others
+
+def _write_report(report, rows, state, mine, merge):
+    "Write the report (atomically), merged with the earlier one (`_keep`); several processes: each its part, merged by process 0 in the items' order."
     line = lambda r: json.dumps(r, default=str)
     if state is None or state.num_processes == 1:
-        write_atomic(report, "".join(line(r) + "\n" for r in rows if r is not None)); return
+        write_atomic(report, "".join(line(r) + "\n" for r in merge(rows) if r is not None)); return
     part = Path(f"{report}.part{state.process_index}")
     write_atomic(part, json.dumps({str(i): rows[i] for i in mine}, default=str))
     state.wait_for_everyone()
     if state.is_main_process:
         merged = {int(i): r for k in range(state.num_processes) for i, r in json.loads(Path(f"{report}.part{k}").read_text()).items()}
-        write_atomic(report, "".join(line(merged.get(i, r)) + "\n" for i, r in enumerate(rows) if merged.get(i, r) is not None))
+        write_atomic(report, "".join(line(r) + "\n" for r in merge([merged.get(i, r) for i, r in enumerate(rows)]) if r is not None))
         for k in range(state.num_processes): Path(f"{report}.part{k}").unlink()
     state.wait_for_everyone()

@@ -18,12 +18,12 @@ from .pipeline import DiffEdit
 from .shapes import scene, edit_target, COLORS, SHAPES_MODEL, iou, far_from, object_color, nearest_color, color_index
 
 # %% auto #0
-__all__ = ['LEDITS_DEFAULTS', 'COLOR_COLS', 'SHAPE_COLS', 'diffusers_pipe', 'run_diffusers', 'run_ours', 'ledits_pipe',
-           'ledits_mask', 'run_ledits', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr', 'mask_metrics',
-           'painted', 'bg_figures', 'measure', 'shape_edit', 'measure_shape', 'no_edit_shape_iou', 'time_edits',
-           'summarise', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'second_query', 'throughput',
-           'where_time_goes', 'processes', 'batch_memory', 'scene_edits', 'two_object_edits', 'removal_figures',
-           'run_ledits_removal', 'removals', 'mean_rows', 'confidence_cases', 'warn_rates', 'main']
+__all__ = ['LEDITS_DEFAULTS', 'COLOR_COLS', 'SHAPE_COLS', 'CONFIDENCE_KINDS', 'diffusers_pipe', 'run_diffusers', 'run_ours',
+           'ledits_pipe', 'ledits_mask', 'run_ledits', 'count_unet_rows', 'peak_memory', 'color_edit', 'psnr',
+           'mask_metrics', 'painted', 'bg_figures', 'measure', 'shape_edit', 'measure_shape', 'no_edit_shape_iou',
+           'time_edits', 'summarise', 'bench', 'table', 'default_methods', 'mask_sweep', 'print_rows', 'second_query',
+           'throughput', 'where_time_goes', 'processes', 'batch_memory', 'scene_edits', 'two_object_edits',
+           'removal_figures', 'run_ledits_removal', 'removals', 'mean_rows', 'confidence_cases', 'warn_rates', 'main']
 
 # %% ../nbs/07_bench.ipynb #504246e1
 def diffusers_pipe(sd:SDComponents)->StableDiffusionDiffEditPipeline:
@@ -444,26 +444,34 @@ def mean_rows(rows:list, keys=None)->dict:
     return m
 
 # %% ../nbs/07_bench.ipynb #767ab0e1
-def confidence_cases(de:DiffEdit, seeds=range(30))->list:
-    "Per seed, four masks (right reference, wrong reference, large object, photo composite): kind, IoU, confidence."
+CONFIDENCE_KINDS = ("right", "wrong reference", "large object", "photo composite", "two objects")
+def confidence_cases(de:DiffEdit, seeds=range(30),
+                     kinds:tuple=CONFIDENCE_KINDS, # which of the kinds to make
+                    )->list:
+    "Per seed, five masks (right reference, wrong reference, large object, photo composite, one of two objects): kind, IoU, confidence, separate regions."
     from diffedit_nb.shapes import rich_scene, photo_scene, SHAPES
+    from diffedit_nb.pipeline import mask_regions
     rows = []
     for s in seeds:
         sc = scene(s); t = edit_target(sc, s); rng = np.random.default_rng(s)
         wc = [c for c in COLORS if c != sc.color][rng.integers(3)]; ws = [x for x in SHAPES if x != sc.shape][rng.integers(2)]
         big = rich_scene(s, n=1, area=(0.25, 0.5)); pc = photo_scene(s)
+        two = rich_scene(s, n=2); a, b = two.things[s % 2], two.things[1 - s % 2]  # as `two_object_edits`: a's colour changes, b stays
+        t2 = [c for c in COLORS if c not in (a.color, b.color)][s % 2]
         cases = [("right", sc.image, sc.caption, f"a {t} {sc.shape}", sc.mask), ("wrong reference", sc.image, f"a {wc} {ws}", f"a {t} {ws}", sc.mask),
                  ("large object", big.image, big.caption, f"a {[c for c in COLORS if c != big.color][s % 3]} {big.shape}", big.mask),
-                 ("photo composite", pc.image, pc.caption, f"a {[c for c in COLORS if c != pc.color][s % 3]} {pc.caption.split()[-1]}", pc.mask)]
-        for kind, im, ref, q, truth in cases:
+                 ("photo composite", pc.image, pc.caption, f"a {[c for c in COLORS if c != pc.color][s % 3]} {pc.caption.split()[-1]}", pc.mask),
+                 ("two objects", two.image, two.caption, two.caption.replace(a.caption, f"a {t2} {a.shape}"), a.mask)]
+        for kind, im, ref, q, truth in (c for c in cases if c[0] in kinds):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m = de.mask(im, ref, q, seed=s, progress=False)
-            rows.append(dict(seed=s, kind=kind, iou=iou(np.asarray(m.mask) > 0, truth), confidence=m.confidence))
+            mk = np.asarray(m.mask) > 0
+            rows.append(dict(seed=s, kind=kind, iou=iou(mk, truth), confidence=m.confidence, regions=len(mask_regions(mk))))
     return rows
 
 def warn_rates(rows:list, warn:float|None=None)->dict:
-    "How often a mask warns (confidence < `warn`, default `CONFIDENCE_WARN`) among the bad (IoU < 0.5) and the good (IoU > 0.9) masks."
+    "How often a mask warns (confidence < `warn`, default `CONFIDENCE_WARN`; a mask of separate regions for one object is under it, `region_confidence`) among the bad (IoU < 0.5) and the good (IoU > 0.9) masks."
     from diffedit_nb.pipeline import CONFIDENCE_WARN
     warn = CONFIDENCE_WARN if warn is None else warn
     bad, good = [r for r in rows if r["iou"] < 0.5], [r for r in rows if r["iou"] > 0.9]

@@ -46,8 +46,9 @@ def _open(src, what:str)->Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"{what} is too large to load safely ({e}). Resize it below "
                              f"{Image.MAX_IMAGE_PIXELS:,} pixels.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{what} could not be read as an image ({type(e).__name__}: {e}). "
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL's own words name the file again (or a buffer's address): `what` names it, once
+        why = "not a format PIL can identify" if isinstance(e, UnidentifiedImageError) else e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ImageLoadError(f"{what} could not be read as an image ({type(e).__name__}: {why}). "
                              f"Accepted: {_ACCEPTED}.") from None
 
 def load_image(image, # path, http(s) URL, PIL.Image or bytes

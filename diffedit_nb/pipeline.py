@@ -27,9 +27,11 @@ from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['BUNDLED', 'PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'MaskResult', 'EditResult', 'composite', 'mask_image_of',
-           'resolve_model', 'pipe_components', 'DiffEdit', 'check_prompts', 'Prepared', 'load_mask', 'confidence_signs',
-           'mask_confidence', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence', 'edit_result']
+__all__ = ['BUNDLED', 'PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS',
+           'MaskResult', 'EditResult', 'composite', 'mask_image_of', 'resolve_model', 'pipe_components', 'DiffEdit',
+           'check_prompts', 'Prepared', 'load_mask', 'confidence_signs', 'mask_confidence', 'mask_regions',
+           'prompt_parts', 'names_one', 'edits_one_object', 'region_confidence', 'Job', 'sd_predict_rows', 'as_queries',
+           'warn_low_confidence', 'edit_result']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -309,6 +311,46 @@ def mask_confidence(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw di
     return float(min(np.clip(0.5 + 0.5 * (s[k] - lo) / max(hi - lo, 1e-6), 0, 1) for k, (lo, hi) in cuts.items()))
 
 
+# %% ../nbs/05_pipeline.ipynb #b6604294
+SEPARATE_SHARE = 0.1 # a mask's region counts as separate when it holds at least this share of the largest region's pixels (tuning seeds 500-529, `07_bench`)
+SEVERAL_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "dozen", "several", "many", "some", "few", "multiple",
+                 "both", "pair", "couple", "group", "bunch", "pile", "lots", "crowd", "flock", "herd"}
+PLURAL_WORDS = {"people", "children", "men", "women", "mice", "geese", "teeth", "feet", "sheep", "fish", "deer", "cattle"} # plurals without an s
+
+def mask_regions(mask:np.ndarray, # bool (H, W)
+                 share:float=SEPARATE_SHARE, # a region counts when it holds at least this share of the largest region's pixels
+                )->list: # the pixels of each region that counts, largest first ([] for an empty mask)
+    "The mask's separate regions (8-connected, OpenCV) of substantial size: specks under `share` of the largest region are not counted."
+    stats = cv2.connectedComponentsWithStats(np.asarray(mask).astype(np.uint8), connectivity=8)[2]
+    sizes = sorted(stats[1:, cv2.CC_STAT_AREA].tolist(), reverse=True)
+    return [s for s in sizes if s >= share * sizes[0]]
+
+def prompt_parts(prompt:str)->list:
+    "The things a prompt names: split at commas, semicolons, '&', 'and', 'with' and 'plus' ('a red circle and a green square' -> two)."
+    return [p for p in (x.strip() for x in re.split(r"[,;&]|\band\b|\bwith\b|\bplus\b", prompt.lower())) if p]
+
+def names_one(part:str)->bool:
+    "Does `part` name one object? Not with a number or a word of quantity ('two cats', 'a pair of shoes'), nor when its last word is plural (ending in s but not ss, us or is, or one of `PLURAL_WORDS`)."
+    words = re.findall(r"[a-z]+", part.lower())
+    if not words or re.search(r"\d", part) or SEVERAL_WORDS & set(words): return False
+    w = words[-1]
+    return w not in PLURAL_WORDS and not (w.endswith("s") and not w.endswith(("ss", "us", "is")))
+
+def edits_one_object(ref:str, query:str)->bool:
+    "Do the prompts name one object to edit? The query changes exactly one of the things the reference names (as many things in each), and it names one object before and after (`names_one`)."
+    rp, qp = prompt_parts(ref), prompt_parts(query)
+    diff = [i for i, (r, q) in enumerate(zip(rp, qp)) if r != q]
+    return len(rp) == len(qp) and len(diff) == 1 and names_one(rp[diff[0]]) and names_one(qp[diff[0]])
+
+def region_confidence(conf:float, # the map's confidence (`mask_confidence`)
+                      mask:np.ndarray, # bool (H, W): the mask
+                      ref:str, query:str)->float:
+    "The confidence judged on the mask's regions too: where the prompts name one object (`edits_one_object`) and the mask has two or more separate regions (`mask_regions`), at most half the largest region's share of their pixels (so under 0.5)."
+    sizes = mask_regions(mask)
+    if len(sizes) < 2 or not edits_one_object(ref, query): return conf
+    return min(conf, 0.5 * sizes[0] / sum(sizes))
+
+
 # %% ../nbs/05_pipeline.ipynb #df18e190
 @dataclass
 class Job:
@@ -377,9 +419,10 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
     for job in jobs:
         if job.given is not None: res.append([(job.given, None, None)] * len(job.queries)); continue
         per = []
-        for m, draws, _ in next(maps):
+        for q, (m, draws, _) in zip(job.queries, next(maps)):
             alpha = self._alpha(job.prep, m, k)
-            per.append((alpha, m, mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0, self.confidence_cuts)))
+            conf = mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0, self.confidence_cuts)
+            per.append((alpha, m, region_confidence(conf, alpha > 0, job.ref, q)))
         res.append(per)
     return res
 
@@ -399,9 +442,16 @@ def _warn_prompts(ref:str, queries:list):
         if q.strip() == ref.strip(): warnings.warn(f"query {q!r} is the reference: there is nothing to edit, the image comes back unchanged.", stacklevel=4)
         elif not q.strip(): warnings.warn("query is empty: the region is repainted with no prompt (to remove an object, use `DiffEdit.remove`).", stacklevel=4)
 
-def warn_low_confidence(c:float|None, ref:str, query:str):
-    "Warn when an automatic mask's confidence `c` is under `CONFIDENCE_WARN` (None: a given mask, never warned)."
-    if c is not None and c < CONFIDENCE_WARN:
+def warn_low_confidence(c:float|None, ref:str, query:str,
+                        alpha:np.ndarray|None=None, # the mask's blending weight: says so when it has separate regions where the prompts name one object
+                       ):
+    "Warn when an automatic mask's confidence `c` is under `CONFIDENCE_WARN` (None: a given mask, never warned); a mask of separate regions for one object in words of its own."
+    if c is None: return
+    regions = len(mask_regions(alpha > 0)) if alpha is not None else 0
+    if regions >= 2 and edits_one_object(ref, query):
+        warnings.warn(f"The mask for {ref!r} -> {query!r} has {regions} separate regions, but the prompts name one object (confidence {c:.2f}): it may hold "
+                      "another object too. Keep the strongest region with `region_ratio=` (e.g. 0.8), or give the mask yourself (`mask_image=`).", stacklevel=4)
+    elif c < CONFIDENCE_WARN:
         warnings.warn(f"The mask for {ref!r} -> {query!r} is doubtful (confidence {c:.2f} < {CONFIDENCE_WARN}): the map does not show one clear region. "
                       "Check that `ref` describes what is in the image, or give the mask yourself (`mask_image=`).", stacklevel=4)
 
@@ -431,7 +481,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
     job = Job(prep, ref, queries, make_generator(seed, generator))
     out = []
     for q, (alpha, m, conf) in zip(queries, self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)[0]):
-        warn_low_confidence(conf, ref, q)
+        warn_low_confidence(conf, ref, q, alpha)
         out.append(MaskResult(mask_image_of(resize_map(alpha, prep.original.size)), resize_map(m, prep.original.size), conf, k))
     return out[0] if isinstance(query, str) else out
 
@@ -547,7 +597,7 @@ def _call(self:DiffEdit, image, # path, URL, PIL image or bytes
     if mask_image is not None: job.given = self._given_alpha(prep, mask_image, k, snap=given.get("refine", False) is True)
     # 3. mask: map (h, w) on the latent grid, blending weight alpha snapped to the image's edges (at `_mask_size`); one per query
     masks = self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)
-    for q, (_, _, conf) in zip(queries, masks[0]): warn_low_confidence(conf, ref, q)
+    for q, (alpha, _, conf) in zip(queries, masks[0]): warn_low_confidence(conf, ref, q, alpha)
     # 4-5. masked, guided denoising from `start` (all queries in the same calls), decoded and put back at the input's size;
     #      or the inpainting painter's repaint, with its own steps and guidance unless given (`paint_knobs`)
     k = self.paint_knobs(k, given)
