@@ -43,6 +43,8 @@ def _where(x, index:int)->str:
 def _as_item(x, index:int)->Item:
     "`as_item`, its errors without the item's name."
     if isinstance(x, Item): it = x
+    elif type(x).__name__ == "Item" and hasattr(x, "__dataclass_fields__"):  # an Item of another copy of this class (a notebook that re-runs these cells patches `DiffEdit`)
+        it = Item(**{k: getattr(x, k) for k in Item.__dataclass_fields__})
     elif isinstance(x, (tuple, list)):
         if len(x) != 3: raise ValueError(f"a row is (image, ref, query); got {len(x)} values.")
         it = Item(*x)
