@@ -158,9 +158,10 @@ def build_app(de:DiffEdit, # the model to edit with
                     refine = gr.Checkbox(value=k.refine, label="snap to edges", elem_id="refine")
                 threshold = gr.Slider(0, 1, value=0.5 if k.threshold == "otsu" else k.threshold, step=0.01, elem_id="threshold", **threshold_control(k.threshold == "otsu"))
         with gr.Row():
-            start = gr.Slider(0.1, 1, value=k.start, step=0.05, label="start (noise level)")
-            steps = gr.Slider(1, 100, value=k.steps, step=1, label="steps")
-            guidance = gr.Slider(0, 20, value=k.guidance_scale if k.guidance_scale is not None else de.sd.default_guidance, step=0.5, label="guidance")
+            kp = de.paint_knobs(k, {})  # the repaint's knobs: an inpainting painter's own steps and guidance (the command's edit uses the same)
+            start = gr.Slider(0.1, 1, value=kp.start, step=0.05, label="start (noise level)")
+            steps = gr.Slider(1, 100, value=kp.steps, step=1, label="steps", elem_id="steps")
+            guidance = gr.Slider(0, 20, value=kp.guidance_scale if kp.guidance_scale is not None else (de.painter or de.sd).default_guidance, step=0.5, label="guidance", elem_id="guidance")
         edit_btn = gr.Button("Edit", variant="primary", elem_id="edit_btn")
         with gr.Row():
             result = gr.Image(label="edit", interactive=False, elem_id="result", format="png")
