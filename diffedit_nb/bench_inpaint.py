@@ -11,7 +11,8 @@ from PIL import Image
 from diffusers import StableDiffusionInpaintPipeline, DDIMScheduler
 from .components import SDComponents
 from .pipeline import DiffEdit
-from .shapes import COLORS, rich_scene, photo_scene, background, nearest_color, object_color, iou
+from scipy.ndimage import binary_erosion
+from .shapes import COLORS, rich_scene, photo_scene, background, nearest_color, object_color, iou, color_index
 from .bench import painted, psnr
 
 # %% auto #0
@@ -86,12 +87,10 @@ def rim_share(out, # the edited image (PIL or uint8 (H, W, 3))
               source:str, # the object's colour before the edit (a `COLORS` name)
              )->float:
     "Share of the object's edge pixels (inside it, within 1 px of its outline) left in the `source` colour after an edit."
-    from scipy.ndimage import binary_erosion
     o = np.asarray(out.convert("RGB") if hasattr(out, "convert") else out).astype(int)
     edge = obj & ~binary_erosion(obj)
-    pal = np.array(list(COLORS.values()))
-    nearest = np.argmin(((o[..., None, :] - pal) ** 2).sum(-1), -1) == list(COLORS).index(source)
-    close = np.sqrt(((o - np.array(COLORS[source])) ** 2).sum(-1)) < 60
+    nearest = color_index(o) == list(COLORS).index(source)                 # the palette colour nearest each pixel is the old one
+    close = np.sqrt(((o - np.array(COLORS[source])) ** 2).sum(-1)) < 60  # and it is near it
     return float((nearest & close)[edge].mean())
 
 # %% ../nbs/07b_painters.ipynb #1c9bb5df
