@@ -112,17 +112,13 @@ def _one_line(msg)->str: return " ".join(str(msg).split())
 
 def _show_defaults(model:str)->str:
     "The knobs an edit with `model` would use and where each comes from, read from its configs and `diffedit.json` (no weights)."
-    from diffedit_nb.pipeline import resolve_model
-    from diffedit_nb.components import read_model_files
-    from diffedit_nb.components import read_variant
+    from diffedit_nb.sources import resolve_model, read_model_files, read_variant, check_model_source, cache_dir  # no torch: an answer at once (`00c_sources`)
     from diffedit_nb.defaults import resolve_knobs, VARIANTS
-    from diffedit_nb.components import check_model_source
     m = resolve_model(model)
     hub = check_model_source(str(m))  # a hub id offline: one line ("cannot reach the hub"), at once, not the hub client's retries
     variant = read_variant(m, **hub)
     own = read_model_files(m, **hub); knobs, source = own["knobs"], own["knobs_source"]
     import diffedit_nb; pkg = Path(diffedit_nb.__file__).resolve().parent  # a bundled model's file: named inside the package, not by this machine's path
-    from diffedit_nb.components import cache_dir
     built = (cache_dir() / "models").resolve()  # a bundled model assembled from its parts on first use: its diffedit.json is the package's
     if source and Path(source).resolve().is_relative_to(built): source = str(Path(pkg.name) / "models" / Path(source).resolve().parent.name.rsplit("-", 1)[0] / Path(source).name)
     if source and Path(source).resolve().is_relative_to(pkg): source = str(Path(pkg.name) / Path(source).resolve().relative_to(pkg))

@@ -12,17 +12,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler, Diffus
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5Config
 from transformers.utils import logging as tf_logging
-from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant, KNOBS_FILE, CONFIDENCE_FILE, read_knobs_file, check_cuts
+from .defaults import DEFAULT_MODEL, DEFAULTS, write_atomic, model_variant
+from .sources import (FAMILIES, model_family, check_model_folder, check_model_source, read_config, read_variant, read_model_files,  # model sources (`00c_sources`),
+                                 model_file, models_dir, cache_dir, shapes_model_path)  # importable from here as before they had their own module
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MODEL_FILES', 'PARTS_FILE', 'SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents',
-           'default_device_dtype', 'resolve_device_dtype', 'model_family', 'check_model_folder', 'check_model_source',
-           'load_sd', 'read_variant', 'model_file', 'read_model_files', 'cache_dir', 'shapes_model_path',
-           'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd', 'save_sd']
+__all__ = ['SD_SCHEDULER_CONFIG', 'FLUX_SCHEDULER_CONFIG', 'SD_ARCHS', 'SDComponents', 'default_device_dtype',
+           'resolve_device_dtype', 'load_sd', 'clip_tokenizer', 'write_clip_tokenizer', 'tiny_sd', 'random_sd',
+           'save_sd']
 
 # %% ../nbs/00a_components.ipynb #a600d90c
-FAMILIES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3/3.5", "flux": "Flux.1 (dev, schnell)"}
-
 @dataclass
 class SDComponents:
     "The components DiffEdit uses, named as in diffusers: SD 1.x/2.x; SDXL with the `_2` parts; SD3 with a transformer and `_3`; Flux."
@@ -201,89 +200,6 @@ def resolve_device_dtype(device=None, # "cuda", "cpu", "mps", a torch.device, or
                          "use dtype=torch.float32 (the CPU default) or torch.bfloat16.")
     return device, dtype
 
-# %% ../nbs/00a_components.ipynb #ed686783
-_LAYOUT = "a local folder in the diffusers layout (model_index.json + vae/ text_encoder/ tokenizer/ unet/ scheduler/)"
-_OFFLINE_HINT = ("Without internet, pass " + _LAYOUT + ", or use the bundled shapes model: "
-                 "DiffEdit.from_pretrained('shapes') or `diffedit ... --model shapes`.")
-_NEEDS = {  # what each component folder must hold: (name in messages, any of these glob patterns)
-    "vae": [("config.json", ["config.json"]), ("diffusion_pytorch_model.safetensors", ["diffusion_pytorch_model*.safetensors*", "diffusion_pytorch_model*.bin"])],
-    "unet": [("config.json", ["config.json"]), ("diffusion_pytorch_model.safetensors", ["diffusion_pytorch_model*.safetensors*", "diffusion_pytorch_model*.bin"])],
-    "text_encoder": [("config.json", ["config.json"]), ("model.safetensors", ["model*.safetensors*", "pytorch_model*.bin"])],
-    "tokenizer": [("vocab.json + merges.txt (or tokenizer.json)", ["tokenizer.json", "merges.txt"])],
-    "tokenizer_t5": [("spiece.model (or tokenizer.json)", ["tokenizer.json", "spiece.model"])],
-    "scheduler": [("scheduler_config.json", ["scheduler_config.json"])],
-}
-_NEEDS_XL = {"text_encoder_2": _NEEDS["text_encoder"], "tokenizer_2": _NEEDS["tokenizer"]}
-
-def model_family(index:dict, # the model's `model_index.json`
-                )->str: # "sd", "sdxl", "sd3" or "flux"
-    "The family of a diffusers pipeline from its `model_index.json`; a clear error for the ones DiffEdit does not drive."
-    cls, has = index.get("_class_name", "?"), lambda k: bool((index.get(k) or [None])[0])
-    supported = "; ".join(f"{v} ({k})" for k, v in FAMILIES.items())
-    if has("transformer"):
-        if cls.startswith("StableDiffusion3") and has("text_encoder") and has("text_encoder_2"): return "sd3"
-        if cls.startswith("Flux") and any(w in cls for w in ("Control", "Kontext", "Redux", "Prior")):
-            raise ValueError(f"{cls} is a Flux variant conditioned on extra image inputs (a control image, a reference); DiffEdit drives the text-to-image "
-                             "Flux.1 models (FluxPipeline: dev, schnell) and Flux Fill (FluxFillPipeline), the inpainting one.")
-        if cls.startswith("Flux") and has("text_encoder") and has("text_encoder_2"): return "flux"
-        raise ValueError(f"{cls} is a transformer model DiffEdit does not drive; supported: {supported}.")
-    if not has("unet"): raise ValueError(f"{cls} has neither a UNet nor a transformer; supported: {supported}.")
-    if has("text_encoder_2") and not has("text_encoder"):
-        raise ValueError(f"{cls} looks like the SDXL refiner (no first text encoder), an image-to-image stage; use the SDXL base model.")
-    if not has("text_encoder"): raise ValueError(f"{cls} has no text encoder; supported: {supported}.")
-    return "sdxl" if has("text_encoder_2") else "sd"
-
-def _needs(family:str, index:dict)->dict:
-    "The component folders of a family and what each must hold."
-    needs = dict(_NEEDS)
-    if family != "sd": needs |= _NEEDS_XL
-    if family in ("sd3", "flux"): needs["transformer"] = needs.pop("unet")
-    if family == "sd3" and (index.get("text_encoder_3") or [None])[0]: needs |= {"text_encoder_3": _NEEDS["text_encoder"], "tokenizer_3": _NEEDS["tokenizer_t5"]}
-    if family == "flux": needs["tokenizer_2"] = _NEEDS["tokenizer_t5"]
-    return {k: v for k, v in needs.items() if k != "tokenizer_t5"}
-
-def check_model_folder(folder:Path):
-    "Raise a FileNotFoundError naming every file a diffusers Stable Diffusion folder lacks."
-    index = folder/"model_index.json"
-    missing = [] if index.is_file() else ["model_index.json"]
-    idx = json.loads(index.read_text()) if index.is_file() else {}
-    for comp, needs in _needs(model_family(idx) if idx else "sd", idx).items():
-        missing += [f"{comp}/{name}" for name, pats in needs if not any(any((folder/comp).glob(p)) for p in pats)]
-    if missing: raise FileNotFoundError(f"The model folder {str(folder)!r} is incomplete: missing {', '.join(missing)}. "
-                                        f"Expected {_LAYOUT}.")
-
-def check_model_source(model:str, # hub id or local folder
-                       local_files_only:bool=False, # never contact the hub
-                      )->dict: # extra `from_pretrained` arguments (`local_files_only=True` for a cached model when offline)
-    "Find out, before loading any weights, whether `model` can be loaded; a clear error saying why not."
-    from huggingface_hub import try_to_load_from_cache, model_info, constants
-    from huggingface_hub.utils import validate_repo_id, HFValidationError, GatedRepoError, RepositoryNotFoundError, HfHubHTTPError
-    local = Path(model).expanduser()
-    if local.is_dir(): check_model_folder(local); return {}
-    if local.exists(): raise FileNotFoundError(f"{model!r} is a file; give a model folder ({_LAYOUT}) or a hub id.")
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
-    try: validate_repo_id(model); valid = not looks_like_path
-    except HFValidationError: valid = False
-    if not valid: raise FileNotFoundError(f"The model folder {model!r} does not exist, and it is not a hub id either. Give a hub id "
-                                          f"(e.g. {DEFAULT_MODEL!r}) or {_LAYOUT}.")
-    cached = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
-    if constants.HF_HUB_OFFLINE or local_files_only:
-        if cached: return dict(local_files_only=True)  # else diffusers still asks the hub about sharded weights, and stops offline
-        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True was given"
-        raise OSError(f"The hub id {model!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and downloads are off "
-                      f"({why}): download it once on a machine with internet, or pass a local folder. {_OFFLINE_HINT}")
-    try: model_info(model, timeout=10)
-    except GatedRepoError: return {}  # from_pretrained says how to get access
-    except RepositoryNotFoundError:
-        raise OSError(f"There is no model {model!r} on the Hugging Face hub (or it is private: log in with `hf auth login`). "
-                      f"Check the id, e.g. {DEFAULT_MODEL!r}.") from None
-    except HfHubHTTPError: return {}  # the hub answered: let from_pretrained report the details
-    except Exception as e:  # no answer: no DNS, no route, timeout
-        if cached: return dict(local_files_only=True)
-        raise OSError(f"Cannot reach the Hugging Face hub to download {model!r} ({type(e).__name__}: {' '.join(str(e).split())[:120]}). "
-                      + _OFFLINE_HINT) from None
-    return {}
-
 # %% ../nbs/00a_components.ipynb #6783afa0
 def _auto_tokenizer(model, subfolder, kwargs):
     "The T5 slot's tokenizer: T5's own on the hub (SentencePiece); a small test model may hold the CLIP tokenizer there."
@@ -298,11 +214,6 @@ def _load_weights(cls, model, subfolder, **kw):
         raise OSError(f"{subfolder or model}: {len(miss)} weights of the architecture are not in the checkpoint (e.g. {miss[0]!r}), "
                       "so it would run with random weights; the files may be from an incompatible library version.")
     return m
-
-def _model_index(model:str, kwargs:dict)->dict:
-    "The pipeline's `model_index.json` (local folder, or the hub: one small download)."
-    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token", "proxies")}
-    return dict(DiffusionPipeline.load_config(model, **hub))
 
 def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD 1.x/2.x, SDXL, SD3 or Flux)
             device=None, # default: "cuda" if available, else "cpu"
@@ -323,7 +234,7 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD
     try:
         with warnings.catch_warnings(record=True) as seen:  # shown only if loading works: a failure is one clean error
             warnings.simplefilter("always")
-            index = _model_index(model, kwargs)
+            index = read_config(model, "model_index.json", **kwargs)
             family = model_family(index)
             if family == "flux" and dtype == torch.float16 and not explicit_dtype: dtype = torch.bfloat16
             kw = dict(torch_dtype=dtype, **kwargs)
@@ -363,109 +274,11 @@ def load_sd(model:str|Path=DEFAULT_MODEL, # hub id or local diffusers folder (SD
     return sd
 
 
-# %% ../nbs/00a_components.ipynb #f8a67c03
-def read_variant(model:str|Path, # hub id or local diffusers folder
-                 **kwargs, # hub arguments (`local_files_only`, `revision`, ...)
-                )->str: # a key of `defaults.FAMILY_DEFAULTS`
-    "The model variant of `model` from its configs, without loading any weights."
-    model = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else str(model)
-    family = model_family(_model_index(model, kwargs))
-    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token")}
-    sched = dict(DDIMScheduler.load_config(model, subfolder="scheduler", **hub))
-    den = dict(DiffusionPipeline.load_config(model, subfolder="transformer" if family in ("sd3", "flux") else "unet", **hub))
-    return model_variant(family, sched, den)
-
-# %% ../nbs/00a_components.ipynb #cbb6b87b
-MODEL_FILES = (KNOBS_FILE, CONFIDENCE_FILE, "vocabulary.json") # what a model says about itself for DiffEdit, beside diffusers' own files
-
-def model_file(model:str|Path, # hub id or local folder
-               name:str, # a file at the top of it, e.g. "diffedit.json"
-               local_files_only:bool=False, # never contact the hub
-               **kwargs)->Path|None: # its local path, or None if the model has no such file (or the hub cannot be asked)
-    "One small file of a model: from its local folder, or its hub repo (fetched when present, from the cache offline)."
-    local = Path(str(model)).expanduser()
-    if local.is_dir(): return local/name if (local/name).is_file() else None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache, constants
-    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "revision", "token")}
-    cached = try_to_load_from_cache(str(model), name, **{k: v for k, v in hub.items() if k != "token"})
-    if isinstance(cached, str): return Path(cached)
-    if constants.HF_HUB_OFFLINE or local_files_only: return None
-    try: return Path(hf_hub_download(str(model), name, etag_timeout=5, **hub))
-    except Exception: return None  # not in the repo, or no answer: the model has nothing to say
-
-def read_model_files(model:str|Path, # hub id or local folder
-                     **kwargs, # hub arguments (`local_files_only`, `revision`, `cache_dir`, `token`)
-                    )->dict: # knobs, knobs_source, vocabulary, confidence, inpaint
-    "What a model says about itself for DiffEdit, checked: its knobs (`diffedit.json`), its painter (and, for a painter, whether it paints removals), its confidence cut-offs, the words it knows."
-    local, found = Path(str(model)).expanduser().is_dir(), {}
-    for name in MODEL_FILES:
-        found[name] = f = model_file(model, name, **kwargs)
-        if f is None and not local and name == KNOBS_FILE: break  # a hub repo without one (or no answer): ask no more
-    out = dict(knobs={}, knobs_source=KNOBS_FILE, vocabulary=None, confidence=None, inpaint=None, paints_removals=True)
-    if (f := found.get(KNOBS_FILE)) is not None:
-        knobs = read_knobs_file(f)  # checked first: a broken file is named with what is wrong in it
-        raw = json.loads(f.read_text())
-        out.update(knobs=knobs, knobs_source=str(f), inpaint=raw.get("inpaint"), paints_removals=bool(raw.get("paints_removals", True)))
-    if (f := found.get(CONFIDENCE_FILE)) is not None:
-        try: d = json.loads(f.read_text())
-        except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}).") from None
-        out["confidence"] = check_cuts(d.get("cuts") if isinstance(d, dict) else d, f)
-    if (f := found.get("vocabulary.json")) is not None: out["vocabulary"] = json.loads(f.read_text())
-    return out
-
 # %% ../nbs/00a_components.ipynb #4702227e
-_BUNDLED = {"sd": "shapes", "sdxl": "shapes_xl", "sd3": "shapes_sd3", "rich": "shapes_rich", "inpaint": "shapes_inpaint"}
-PARTS_FILE = "parts.json" # in a bundled model's package folder: what it takes from elsewhere, so that no file ships twice
-
-def _models_dir()->Path: return Path(importlib.resources.files("diffedit_nb")) / "models"
-
-def cache_dir()->Path:
-    "Where diffedit_nb keeps what it builds (`$DIFFEDIT_NB_CACHE`, else `$XDG_CACHE_HOME/diffedit_nb`, else `~/.cache/diffedit_nb`)."
-    if os.environ.get("DIFFEDIT_NB_CACHE"): return Path(os.environ["DIFFEDIT_NB_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffedit_nb"
-
-def _fingerprint(paths:list)->str:
-    h = hashlib.sha256()
-    for p in sorted(paths): h.update(str(p).encode()); h.update(p.read_bytes() if p.is_file() else b"")
-    return h.hexdigest()[:16]
-
-@functools.lru_cache(None)
-def _assembled(name:str)->Path:
-    "The complete diffusers folder of a bundled model stored in parts: built once in `cache_dir()` (atomically: two processes starting together both get a whole folder)."
-    src, root = _models_dir() / name, _models_dir()
-    parts = json.loads((src / PARTS_FILE).read_text())
-    build = parts.pop("_build", None)  # a model made from another bundled one (shapes-xl: `sdxl_twin` of shapes)
-    used = list(parts.values()) + ([build["from"]] if build and build.get("from") else [])  # what it is made of, for its fingerprint
-    files = [p for p in src.rglob("*") if p.is_file()] + [f for s in used for f in ([root / s] if (root / s).is_file() else (root / s).rglob("*"))]
-    dest = cache_dir() / "models" / f"{name}-{_fingerprint(files)}"
-    if (dest / "model_index.json").is_file(): return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-    try:
-        if build: importlib.import_module(build["module"]).build_bundled(tmp, **build.get("args", {}))  # e.g. diffedit_nb.sdxl
-        for rel, s in parts.items():  # the shared files first; the model's own files (below) override them
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            if (root / s).is_dir(): shutil.copytree(root / s, tmp / rel, dirs_exist_ok=True)
-            else: shutil.copy2(root / s, tmp / rel)
-        for f in src.rglob("*"):
-            if f.is_file() and f.name != PARTS_FILE: (tmp / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, tmp / f.relative_to(src))
-        try: os.rename(tmp, dest)  # atomic; if another process got there first, its folder (the same files) is used
-        except OSError:
-            if not (dest / "model_index.json").is_file(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-def shapes_model_path(family:str="sd", # "sd": Stable Diffusion's layout (`06_shapes`); "sdxl": the same model in SDXL's (`09_sdxl`); "sd3": a flow-matching transformer trained on the same scenes (`10_sd3`); "rich": the SD-layout model fine-tuned on scenes of any size, two objects or none (`06_shapes`); "inpaint": shapes-rich made an inpainting model (`04b_inpaint`)
-                     )->Path:
-    "Folder of a small shapes model bundled in the package: the package's own, or built from its parts in `cache_dir()` on first use."
-    if family not in _BUNDLED: raise ValueError(f"the bundled shapes models are {list(_BUNDLED)}; got {family!r}.")
-    src = _models_dir() / _BUNDLED[family]
-    return _assembled(_BUNDLED[family]) if (src / PARTS_FILE).is_file() else src
-
 def clip_tokenizer(folder:str|Path|None=None, # a tokenizer folder (vocab.json + merges.txt); default: the bundled one
                   )->CLIPTokenizer:
     "Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), from the files bundled in the package."
-    return CLIPTokenizer.from_pretrained(folder or _models_dir() / "_shared" / "tokenizer", model_max_length=77)
+    return CLIPTokenizer.from_pretrained(folder or models_dir() / "_shared" / "tokenizer", model_max_length=77)
 
 def _clip_simple_tokenizer():
     "OpenAI's `SimpleTokenizer` from the openai-clip package, loaded without importing `clip` (which needs torchvision)."

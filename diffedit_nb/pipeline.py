@@ -18,6 +18,7 @@ from PIL import Image
 from .defaults import DEFAULTS, DEFAULT, DEFAULT_MODEL, KNOBS, KNOBS_FILE, Knobs, ResolvedKnobs, check_knobs, resolve_knobs
 from .defaults import CONFIDENCE_CUTS, CONFIDENCE_FILE, check_cuts
 from .components import SDComponents, FAMILIES, model_family, load_sd, shapes_model_path, read_model_files
+from .sources import BUNDLED, resolve_model
 from .encode import load_image, model_size, encode, decode, show_images, image_processor
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
@@ -27,11 +28,11 @@ from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['BUNDLED', 'PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS',
-           'MaskResult', 'EditResult', 'composite', 'mask_image_of', 'resolve_model', 'pipe_components', 'DiffEdit',
-           'check_prompts', 'Prepared', 'load_mask', 'confidence_signs', 'mask_confidence', 'mask_regions',
-           'prompt_parts', 'names_one', 'edits_one_object', 'region_confidence', 'Job', 'sd_predict_rows', 'as_queries',
-           'warn_low_confidence', 'edit_result']
+__all__ = ['PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS', 'MaskResult',
+           'EditResult', 'composite', 'mask_image_of', 'pipe_components', 'DiffEdit', 'check_prompts', 'Prepared',
+           'load_mask', 'confidence_signs', 'mask_confidence', 'mask_regions', 'prompt_parts', 'names_one',
+           'edits_one_object', 'region_confidence', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence',
+           'edit_result']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
 @dataclass
@@ -70,18 +71,6 @@ def mask_image_of(alpha:np.ndarray)->Image.Image:
     return Image.fromarray(((alpha > 0) * 255).astype(np.uint8), "L")
 
 # %% ../nbs/05_pipeline.ipynb #025dd88d
-BUNDLED = ("shapes", "shapes-xl", "shapes-sd3", "shapes-rich", "shapes-inpaint")
-
-def resolve_model(model):
-    "The bundled models' short names: 'shapes' (SD layout), 'shapes-xl' (the same model in SDXL's layout), 'shapes-sd3' (a flow-matching transformer), 'shapes-rich' (the SD-layout model fine-tuned on large objects, two objects and empty scenes), 'shapes-inpaint' (shapes-rich made an inpainting model)."
-    kinds = dict(zip(BUNDLED, ("sd", "sdxl", "sd3", "rich", "inpaint")))
-    if str(model) in kinds: return shapes_model_path(kinds[str(model)])  # shapes-xl is built on first use
-    close = difflib.get_close_matches(str(model), BUNDLED, n=1, cutoff=0.75)
-    if close and not Path(str(model)).expanduser().exists():
-        raise ValueError(f"There is no model {str(model)!r}: it is not a folder, and not one of the bundled models ({', '.join(BUNDLED)}). "
-                         f"Did you mean {close[0]!r}?")
-    return model
-
 def pipe_components(pipe, # a loaded diffusers pipeline: StableDiffusion(XL)(Inpaint)Pipeline, StableDiffusion3Pipeline, Flux(Fill)Pipeline
                    )->SDComponents:
     "The components of a loaded diffusers pipeline, shared (no copy)."
