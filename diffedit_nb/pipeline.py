@@ -23,15 +23,15 @@ from .encode import load_image, model_size, encode, decode, show_images, image_p
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
 from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation
+from .confidence import CONFIDENCE_WARN, mask_confidence, mask_regions, edits_one_object, region_confidence, named_alike
+from .confidence import denoise_target, error_gap, explain_gap, explain_confidence
 from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
 from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
 
 # %% auto #0
-__all__ = ['PAINT_KNOBS', 'CACHE_IMAGES', 'CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS', 'MaskResult',
-           'EditResult', 'composite', 'mask_image_of', 'pipe_components', 'DiffEdit', 'check_prompts', 'Prepared',
-           'load_mask', 'confidence_signs', 'mask_confidence', 'mask_regions', 'prompt_parts', 'names_one',
-           'edits_one_object', 'region_confidence', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence',
+__all__ = ['PAINT_KNOBS', 'CACHE_IMAGES', 'MaskResult', 'EditResult', 'composite', 'mask_image_of', 'pipe_components', 'DiffEdit',
+           'check_prompts', 'Prepared', 'load_mask', 'Job', 'sd_predict_rows', 'as_queries', 'warn_low_confidence',
            'edit_result']
 
 # %% ../nbs/05_pipeline.ipynb #25585533
@@ -276,70 +276,6 @@ def load_mask(mask, # see `_MASK_ACCEPTED`
         a = cv2.resize(a, tuple(size), interpolation=cv2.INTER_LINEAR if soft else cv2.INTER_NEAREST)
     return np.clip(a, 0, 1)
 
-# %% ../nbs/05_pipeline.ipynb #998e691f
-CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful
-def confidence_signs(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
-                     mask:np.ndarray, # bool (h, w): the mask on the latent grid
-                    )->dict:
-    "Three signs of a trustworthy mask, read off the map: separation (Otsu's eta), the mask's share of the map's mass, the draws' agreement."
-    d = draw_maps.float().cpu()
-    m = d.mean(0).numpy()
-    if not mask.any() or mask.all() or m.max() <= m.min(): return dict(separation=0., mass=0., agreement=0.)
-    m = (m - m.min()) / (m.max() - m.min())
-    flat = d.reshape(len(d), -1); flat = flat - flat.mean(1, keepdim=True); mean = flat.mean(0)
-    agree = float(((flat @ mean) / (flat.norm(dim=1) * mean.norm() + 1e-12)).mean()) if len(d) > 1 else 1.
-    return dict(separation=map_separation(m, mask) / max(float(m.var()), 1e-12), mass=float(m[mask].sum() / max(m.sum(), 1e-12)), agreement=agree)
-
-def mask_confidence(draw_maps:torch.Tensor, # (n, h, w) each noise draw's raw difference map
-                    mask:np.ndarray, # bool (h, w): the mask on the latent grid
-                    cuts:dict=CONFIDENCE_CUTS, # sign -> (doubtful below, typical of a good mask)
-                   )->float: # in [0, 1]: 0.5 where the weakest sign reaches its cut, 1 at or past its typical value
-    "How clearly the map shows one region to edit: the weakest of its signs (`confidence_signs`), scaled by `cuts`; 0 for an empty mask."
-    if not mask.any(): return 0.
-    s = confidence_signs(draw_maps, mask)
-    return float(min(np.clip(0.5 + 0.5 * (s[k] - lo) / max(hi - lo, 1e-6), 0, 1) for k, (lo, hi) in cuts.items()))
-
-
-# %% ../nbs/05_pipeline.ipynb #b6604294
-SEPARATE_SHARE = 0.1 # a mask's region counts as separate when it holds at least this share of the largest region's pixels (tuning seeds 500-529, `07_bench`)
-SEVERAL_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "dozen", "several", "many", "some", "few", "multiple",
-                 "both", "pair", "couple", "group", "bunch", "pile", "lots", "crowd", "flock", "herd"}
-PLURAL_WORDS = {"people", "children", "men", "women", "mice", "geese", "teeth", "feet", "sheep", "fish", "deer", "cattle"} # plurals without an s
-
-def mask_regions(mask:np.ndarray, # bool (H, W)
-                 share:float=SEPARATE_SHARE, # a region counts when it holds at least this share of the largest region's pixels
-                )->list: # the pixels of each region that counts, largest first ([] for an empty mask)
-    "The mask's separate regions (8-connected, OpenCV) of substantial size: specks under `share` of the largest region are not counted."
-    stats = cv2.connectedComponentsWithStats(np.asarray(mask).astype(np.uint8), connectivity=8)[2]
-    sizes = sorted(stats[1:, cv2.CC_STAT_AREA].tolist(), reverse=True)
-    return [s for s in sizes if s >= share * sizes[0]]
-
-def prompt_parts(prompt:str)->list:
-    "The things a prompt names: split at commas, semicolons, '&', 'and', 'with' and 'plus' ('a red circle and a green square' -> two)."
-    return [p for p in (x.strip() for x in re.split(r"[,;&]|\band\b|\bwith\b|\bplus\b", prompt.lower())) if p]
-
-def names_one(part:str)->bool:
-    "Does `part` name one object? Not with a number or a word of quantity ('two cats', 'a pair of shoes'), nor when its last word is plural (ending in s but not ss, us or is, or one of `PLURAL_WORDS`)."
-    words = re.findall(r"[a-z]+", part.lower())
-    if not words or re.search(r"\d", part) or SEVERAL_WORDS & set(words): return False
-    w = words[-1]
-    return w not in PLURAL_WORDS and not (w.endswith("s") and not w.endswith(("ss", "us", "is")))
-
-def edits_one_object(ref:str, query:str)->bool:
-    "Do the prompts name one object to edit? The query changes exactly one of the things the reference names (as many things in each), and it names one object before and after (`names_one`)."
-    rp, qp = prompt_parts(ref), prompt_parts(query)
-    diff = [i for i, (r, q) in enumerate(zip(rp, qp)) if r != q]
-    return len(rp) == len(qp) and len(diff) == 1 and names_one(rp[diff[0]]) and names_one(qp[diff[0]])
-
-def region_confidence(conf:float, # the map's confidence (`mask_confidence`)
-                      mask:np.ndarray, # bool (H, W): the mask
-                      ref:str, query:str)->float:
-    "The confidence judged on the mask's regions too: where the prompts name one object (`edits_one_object`) and the mask has two or more separate regions (`mask_regions`), at most half the largest region's share of their pixels (so under 0.5)."
-    sizes = mask_regions(mask)
-    if len(sizes) < 2 or not edits_one_object(ref, query): return conf
-    return min(conf, 0.5 * sizes[0] / sum(sizes))
-
-
 # %% ../nbs/05_pipeline.ipynb #df18e190
 @dataclass
 class Job:
@@ -352,11 +288,12 @@ class Job:
 
 @torch.no_grad()
 def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
-    "Per job, per query: (map (h, w) in [0, 1], each draw's raw map (n, h, w), the raw mean map (h, w)); every job's rows in the same UNet calls."
+    "Per job, per query: (map (h, w) in [0, 1], each draw's raw map (n, h, w), the raw mean map (h, w), each draw's `error_gap` (n, h, w)); every job's rows in the same UNet calls."
     slots, ref_keys = [], {}  # slot: (job index, query index or None for the reference, noisy (n, C, h, w), embedding (1, 77, d))
-    cached = {}
+    cached, targets = {}, {}
     for j, job in enumerate(jobs):
         noisy, noise, t = noise_latents(sched, job.prep.latents, k.mask_strength, n=k.n, generator=job.gen)
+        targets[j] = denoise_target(sched, job.prep.latents, noise, t)  # what a prediction should be: each prompt's error is known (`03b_confidence`)
         rk = (job.prep.key, job.ref, float(t), hashlib.sha256(noise.float().cpu().numpy().tobytes()).hexdigest())
         ref_keys[j] = rk
         if rk in self._ref_rows: self._ref_rows.move_to_end(rk); cached[j] = self._ref_rows[rk]
@@ -376,9 +313,10 @@ def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=Tr
         ref = cached[j] if j in cached else _cached(self._ref_rows, ref_keys[j], lambda: torch.cat(out[(j, None)]))
         per = []
         for q in range(len(job.queries)):
-            d = (ref - torch.cat(out[(j, q)])).float().abs()  # (n, C, h, w)
+            pq = torch.cat(out[(j, q)])
+            d = (ref - pq).float().abs()  # (n, C, h, w)
             raw = d.sum(0).div(k.n).mean(0)  # (h, w): the mean absolute difference, before smoothing and normalising
-            per.append((finish_map(raw, k.smooth, k.clamp), d.mean(1), raw))
+            per.append((finish_map(raw, k.smooth, k.clamp), d.mean(1), raw, error_gap(ref, pq, targets[j])))
         res.append(per)
     return res
 
@@ -408,10 +346,11 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
     for job in jobs:
         if job.given is not None: res.append([(job.given, None, None)] * len(job.queries)); continue
         per = []
-        for q, (m, draws, _) in zip(job.queries, next(maps)):
+        for q, (m, draws, _, gap) in zip(job.queries, next(maps)):
             alpha = self._alpha(job.prep, m, k)
-            conf = mask_confidence(draws, latent_mask(alpha, m.shape)[0, 0].numpy() > 0, self.confidence_cuts)
-            per.append((alpha, m, region_confidence(conf, alpha > 0, job.ref, q)))
+            lm = latent_mask(alpha, m.shape)[0, 0].numpy() > 0
+            conf = region_confidence(mask_confidence(draws, lm, self.confidence_cuts), alpha > 0, job.ref, q)  # the map's signs, the mask's regions
+            per.append((alpha, m, explain_confidence(conf, explain_gap(gap, lm), job.ref, q)))  # and whether the reference explains the mask
         res.append(per)
     return res
 
@@ -441,7 +380,8 @@ def warn_low_confidence(c:float|None, ref:str, query:str,
         warnings.warn(f"The mask for {ref!r} -> {query!r} has {regions} separate regions, but the prompts name one object (confidence {c:.2f}): it may hold "
                       "another object too. Keep the strongest region with `region_ratio=` (e.g. 0.8), or give the mask yourself (`mask_image=`).", stacklevel=4)
     elif c < CONFIDENCE_WARN:
-        warnings.warn(f"The mask for {ref!r} -> {query!r} is doubtful (confidence {c:.2f} < {CONFIDENCE_WARN}): the map does not show one clear region. "
+        alike = " or the mask is on a thing both prompts name alike (the query does not change it)" if named_alike(ref, query) else ""
+        warnings.warn(f"The mask for {ref!r} -> {query!r} is doubtful (confidence {c:.2f} < {CONFIDENCE_WARN}): the map does not show one clear region{alike}. "
                       "Check that `ref` describes what is in the image, or give the mask yourself (`mask_image=`).", stacklevel=4)
 
 def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes

@@ -22,11 +22,9 @@ from .components import shapes_model_path
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'SHAPES_MODEL', 'BACKGROUNDS', 'PHOTOS', 'TEXTURES', 'PHOTO_OBJECTS', 'EMPTY_CAPTION',
-           'background', 'draw_shape', 'object_mask', 'Scene', 'scene', 'make_vae', 'make_text_encoder', 'make_unet',
-           'render', 'to_x', 'cosine_lr', 'train_vae', 'latent_stats', 'train_unet', 'save_model', 'save_train_log',
-           'load_train_log', 'color_index', 'nearest_color', 'object_color', 'iou', 'coverage', 'far_from',
-           'edit_target', 'edit_report', 'evaluate', 'PhotoScene', 'photo_scene', 'degraded_map', 'Thing', 'RichScene',
-           'caption_of', 'place_shape', 'rich_scene']
+           'background', 'draw_shape', 'object_mask', 'Scene', 'scene', 'color_index', 'nearest_color', 'object_color',
+           'iou', 'coverage', 'far_from', 'edit_target', 'edit_report', 'evaluate', 'PhotoScene', 'photo_scene',
+           'degraded_map', 'Thing', 'RichScene', 'caption_of', 'place_shape', 'rich_scene']
 
 # %% ../nbs/06_shapes.ipynb #354f2f82
 COLORS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 70, 220), 'yellow': (235, 205, 40)}
@@ -119,150 +117,6 @@ def scene(seed:int|None=None, # seed of numpy's `default_rng`; the same seed giv
     rgb = np.clip(np.array(COLORS[color]) + rng.uniform(-12, 12, 3), 0, 255).astype(np.uint8)
     img = np.where(mask[..., None], rgb, bg)
     return Scene(Image.fromarray(img), mask, f'a {color} {shape}', color, shape)
-
-# %% ../nbs/06_shapes.ipynb #0d203d73
-def make_vae()->AutoencoderKL:
-    "A small SD-style VAE: 64x64x3 images <-> 16x16x4 latents."
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',)*3,
-                         up_block_types=('UpDecoderBlock2D',)*3, block_out_channels=(16, 32, 32),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64)
-
-def make_text_encoder()->CLIPTextModel:
-    "A 2-layer CLIP text transformer (width 32) over SD's CLIP vocabulary."
-    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-
-def make_unet()->UNet2DConditionModel:
-    "An SD-style conditional UNet on 16x16x4 latents, cross-attention at 8x8 and 4x4 only."
-    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
-        up_block_types=('CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=32, attention_head_dim=8)
-
-# %% ../nbs/06_shapes.ipynb #e417700f
-def render(seeds, # scene seeds (training uses seeds >= 1,000,000)
-          )->tuple: # (uint8 tensor (N, 3, 64, 64), list of N captions)
-    "Render the scenes of `seeds` as a uint8 image tensor and their captions."
-    scs = [scene(s) for s in seeds]
-    return torch.from_numpy(np.stack([np.asarray(s.image) for s in scs])).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scs]
-
-def to_x(u8:torch.Tensor)->torch.Tensor:
-    "uint8 images -> float in [-1, 1]."
-    return u8.float() / 127.5 - 1
-
-# %% ../nbs/06_shapes.ipynb #e49c30ba
-def cosine_lr(i:int, # step
-              steps:int, # total steps
-              lr:float, # peak learning rate
-              warmup:int, # linear warm-up steps
-             )->float:
-    "Linear warm-up, then cosine decay from `lr` to `lr/10`."
-    return lr * min(1, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
-
-def train_vae(vae:AutoencoderKL, # e.g. `make_vae()`
-              imgs:torch.Tensor, # uint8 (N, 3, 64, 64) training images
-              steps:int=600, bs:int=32, lr:float=1e-3, seed:int=1,
-              log=None, # called as `log(step, l1)` every 50 steps
-             )->list: # L1 reconstruction loss of each step
-    "Train `vae` in place to reconstruct `imgs`."
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed); losses = []
-    for i in range(steps):
-        for pg in opt.param_groups: pg['lr'] = cosine_lr(i, steps, lr, 50)
-        x = to_x(imgs[torch.randint(len(imgs), (bs,), generator=g)])
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        l1 = (rec - x).abs().mean()
-        loss = l1 + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(); loss.backward(); opt.step(); losses.append(l1.item())
-        if log and (i % 50 == 0 or i == steps - 1): log(i, np.mean(losses[-50:]))
-    return losses
-
-# %% ../nbs/06_shapes.ipynb #2db50b35
-@torch.no_grad()
-def latent_stats(vae:AutoencoderKL, # a trained VAE
-                 imgs:torch.Tensor, # uint8 (N, 3, 64, 64)
-                 seed:int=2,
-                )->tuple: # (posterior means (N, 4, 16, 16), posterior stds, scaling_factor)
-    "Encode `imgs` once; the scaling factor makes sampled latents unit-variance."
-    ms, ss = [], []
-    for i in range(0, len(imgs), 256):
-        d = vae.encode(to_x(imgs[i:i+256])).latent_dist; ms.append(d.mean); ss.append(d.std)
-    mean, std = torch.cat(ms), torch.cat(ss)
-    g = torch.Generator().manual_seed(seed)
-    return mean, std, 1 / (mean + std * torch.randn(mean.shape, generator=g)).std().item()
-
-# %% ../nbs/06_shapes.ipynb #757162e2
-def train_unet(unet:UNet2DConditionModel, # e.g. `make_unet()`
-               te:CLIPTextModel, # e.g. `make_text_encoder()`, trained jointly
-               tok:CLIPTokenizer,
-               lat_mean:torch.Tensor, lat_std:torch.Tensor, # the latents' posterior, from `latent_stats`
-               sf:float, # the VAE's scaling factor
-               caps:list, # the caption of each latent
-               steps:int=8000, bs:int=32, lr:float=8e-4, ema:float=0.999,
-               p_uncond:float=0.1, # fraction of empty captions (classifier-free guidance)
-               seed:int=4,
-               stop:int|None=None, # stop after this many steps (the learning-rate schedule still spans `steps`)
-               deadline:float|None=None, # stop early at this `time.time()`
-               log=None, # called as `log(step, loss)` every 50 steps
-               checkpoint=None, # called as `checkpoint(step, ema_unet, ema_te)` every `ckpt_every` seconds
-               ckpt_every:float=600,
-              )->tuple: # (EMA unet, EMA text encoder, loss of each step)
-    "Train `unet` and `te` to predict the noise added to the latents, given the captions; return EMA copies."
-    uniq = sorted(set(caps)) + ['']
-    cap_idx = torch.tensor([uniq.index(c) for c in caps])
-    ids = tok(uniq, padding='max_length', max_length=77, truncation=True, return_tensors='pt').input_ids
-    noise_sched = DDIMScheduler(**SD_SCHEDULER_CONFIG)
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    losses, last_ck = [], time.time()
-    for i in range(steps):
-        for pg in opt.param_groups: pg['lr'] = cosine_lr(i, steps, lr, 200)
-        idx = torch.randint(len(lat_mean), (bs,), generator=g)
-        z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf  # (bs, 4, 16, 16)
-        ci = cap_idx[idx].clone(); ci[torch.rand(bs, generator=g) < p_uncond] = len(uniq) - 1
-        noise = torch.randn(z.shape, generator=g); t = torch.randint(0, 1000, (bs,), generator=g)
-        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=te(ids[ci])[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
-        with torch.no_grad():
-            d = min(ema, (1 + i) / (10 + i))
-            for m, e in ((unet, ema_unet), (te, ema_te)):
-                for pe, pm in zip(e.parameters(), m.parameters()): pe.lerp_(pm, 1 - d)
-        losses.append(loss.item())
-        if log and (i % 50 == 0 or i == steps - 1): log(i, np.mean(losses[-50:]))
-        if checkpoint and time.time() - last_ck > ckpt_every: checkpoint(i + 1, ema_unet, ema_te); last_ck = time.time()
-        if (stop and i + 1 >= stop) or (deadline and time.time() > deadline): break
-    return ema_unet, ema_te, losses
-
-# %% ../nbs/06_shapes.ipynb #62bc60d7
-def save_model(folder, # destination folder (created)
-               vae:AutoencoderKL, te:CLIPTextModel, tok:CLIPTokenizer, unet:UNet2DConditionModel,
-              )->Path:
-    "Save the components as a diffusers Stable Diffusion folder (model_index.json + one subfolder each)."
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    f = Path(folder)/'text_encoder'/'model.safetensors'  # keys with the `text_model.` prefix, as on the hub: transformers < 5.6 needs it
-    save_file({k if k.startswith('text_model.') else 'text_model.' + k: v for k, v in load_file(f).items()}, f, metadata={'format': 'pt'})
-    return Path(folder)
-
-# %% ../nbs/06_shapes.ipynb #0a2f233b
-def save_train_log(folder, # the model folder
-                   vae_l1:list, # VAE L1 loss of each step
-                   unet_loss:list, # UNet loss of each step
-                   **info, # recipe and timings to record
-                  ):
-    "Write `train_log.json` (losses averaged over 10/50 steps, plus `info`) into `folder`."
-    avg = lambda l, k: [float(np.mean(l[i:i+k])) for i in range(0, len(l), k)]
-    (Path(folder)/'train_log.json').write_text(json.dumps(dict(info, vae_l1_per10=avg(vae_l1, 10), unet_loss_per50=avg(unet_loss, 50)), indent=1))
-
-def load_train_log(folder=SHAPES_MODEL)->dict:
-    "The training log saved with a model."
-    return json.loads((Path(folder)/'train_log.json').read_text())
 
 # %% ../nbs/06_shapes.ipynb #a81a8020
 def color_index(rgb, # an RGB triple or an (..., 3) array, 0-255

@@ -36,7 +36,8 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 from diffedit_nb.components import shapes_model_path, SD_SCHEDULER_CONFIG
-from diffedit_nb.shapes import rich_scene, photo_scene, background, caption_of, cosine_lr, to_x, BACKGROUNDS, EMPTY_CAPTION
+from diffedit_nb.shapes import rich_scene, photo_scene, background, caption_of, BACKGROUNDS, EMPTY_CAPTION
+from diffedit_nb.shapes_train import cosine_lr, to_x
 
 BASE = shapes_model_path("rich")
 HERE = Path(os.environ.get("TRAIN_INPAINT_DIR", ".")).resolve()

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline)
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from diffedit_nb.shapes import render, to_x, latent_stats, cosine_lr, COLORS, SHAPES, object_color, nearest_color
+from diffedit_nb.shapes import COLORS, SHAPES, object_color, nearest_color
+from diffedit_nb.shapes_train import render, to_x, latent_stats, cosine_lr
 
 from diffedit_nb.components import shapes_model_path
 BASE = shapes_model_path()  # the UNet shapes model: its VAE, CLIP and tokenizer are reused

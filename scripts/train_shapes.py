@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 from diffedit_nb.components import shapes_model_path, SD_SCHEDULER_CONFIG
-from diffedit_nb.shapes import rich_scene, scene, to_x, cosine_lr, latent_stats, save_model, BACKGROUNDS
+from diffedit_nb.shapes import rich_scene, scene, BACKGROUNDS
+from diffedit_nb.shapes_train import to_x, cosine_lr, latent_stats, save_model
 
 BASE = INIT = shapes_model_path()
 HERE = Path(os.environ.get("TRAIN_SHAPES_DIR", ".")).resolve()
