@@ -46,6 +46,8 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=8, help="edits per batch, sharing every UNet call (default 8)")
     p.add_argument("--masks", action="store_true", help="with an output folder: also save each mask as <name>_mask.png")
     p.add_argument("--mask-out", help="also save the mask (0/255 PNG) here")
+    p.add_argument("--mask-image", metavar="MASK", help="edit inside this mask (an image file: white = edit, black = keep) instead of making one; "
+                   "one input image (a manifest gives each row its own: the mask_image column)")
     p.add_argument("--remove", metavar="TEXT", help="remove what TEXT describes (e.g. 'a red circle'), filling it with what is around it; instead of --ref/--query")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder of SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, or 'shapes' (bundled, offline: "
                    f"knows 4 colours and 3 shapes, prompts like 'a red circle'; also 'shapes-xl', 'shapes-sd3', 'shapes-rich'); default {DEFAULT_MODEL}")
@@ -155,6 +157,7 @@ def _main_batch(a, given:dict)->int:
     if out.exists() and not out.is_dir(): raise CLIError(f"-o {a.out!r} is a file; with several inputs or a manifest, -o is a folder")
     if not out.parent.exists(): raise CLIError(f"the folder of {a.out!r} does not exist")
     if a.mask_out: raise CLIError("--mask-out names one file; with an output folder use --masks")
+    if a.mask_image: raise CLIError("--mask-image is one mask for one image; with several inputs give each its own in a manifest's mask_image column")
     if a.batch_size < 1: raise CLIError(f"--batch-size must be >= 1; got {a.batch_size}")
     if a.manifest:
         if a.image: raise CLIError("give the images in the manifest or on the command line, not both")
@@ -236,6 +239,7 @@ def main(argv:list|None=None)->int:
         if a.remove is None: _check_prompts(a.ref, a.query)
         elif not a.remove.strip(): raise CLIError("--remove is empty: say what to remove, e.g. 'a red circle'")
         _check_input(image_arg)
+        if a.mask_image and not Path(a.mask_image).expanduser().is_file(): raise CLIError(f"No mask file at {a.mask_image!r}")
         outs = [a.out] + ([a.mask_out] if a.mask_out else [])
         if a.mask_out and Path(a.mask_out).absolute() == Path(a.out).absolute(): raise CLIError("-o and --mask-out are the same file")
         for o in outs: _check_out(o, image_arg, a.force)
@@ -244,10 +248,11 @@ def main(argv:list|None=None)->int:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("default")
             de = _load(a)
-            if a.remove is None: res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **given)
+            mask = {"mask_image": a.mask_image} if a.mask_image else {}  # the user's mask, used as given (`05_pipeline`)
+            if a.remove is None: res = de(image, ref=a.ref, query=a.query, seed=a.seed, progress=not a.quiet, **mask, **given)
             else:
                 import diffedit_nb.remove  # DiffEdit.remove
-                res = de.remove(image, a.remove, seed=a.seed, progress=not a.quiet, **given)
+                res = de.remove(image, a.remove, seed=a.seed, progress=not a.quiet, **mask, **given)
         for w in seen: print(f"diffedit: warning: {_one_line(w.message)}", file=sys.stderr)
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)

@@ -12,9 +12,10 @@ from .defaults import CONFIDENCE_CUTS
 from .mask import map_separation
 
 # %% auto #0
-__all__ = ['CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS', 'EXPLAIN_CUTS', 'confidence_signs',
+__all__ = ['CONFIDENCE_WARN', 'SEPARATE_SHARE', 'SEVERAL_WORDS', 'PLURAL_WORDS', 'EXPLAIN_CUTS', 'PART_CUTS', 'confidence_signs',
            'mask_confidence', 'mask_regions', 'prompt_parts', 'names_one', 'edits_one_object', 'region_confidence',
-           'denoise_target', 'error_gap', 'explain_gap', 'named_alike', 'explain_confidence']
+           'denoise_target', 'error_gap', 'explain_gap', 'named_alike', 'explain_confidence', 'changed_parts',
+           'part_confidence']
 
 # %% ../nbs/03b_confidence.ipynb #648fae09
 CONFIDENCE_WARN = 0.5 # below this an automatic mask is called doubtful
@@ -123,3 +124,20 @@ def explain_confidence(conf:float, # the confidence so far (`region_confidence`)
     if not named_alike(ref, query): return conf
     lo, hi = cuts
     return min(conf, float(np.clip(0.5 + 0.5 * (gap - lo) / (hi - lo), 0, 1)))
+
+# %% ../nbs/03b_confidence.ipynb #c3eae2ff
+PART_CUTS = (1.83, 11.77) # (doubtful below: the one-sided 5 % Student t for 9 degrees of freedom, as `EXPLAIN_CUTS`; typical of a good mask: the median on tuning seeds 530-589, `shapes`)
+
+def changed_parts(ref:str, query:str)->tuple|None:
+    "Where the prompts name a thing alike (`named_alike`): (the reference's parts the query changes, the parts both name), each joined with ' and ' ('a red circle and a blue square' -> 'a yellow circle and a blue square': ('a red circle', 'a blue square')); None when either is empty."
+    if not named_alike(ref, query): return None
+    rp, qp = prompt_parts(ref), prompt_parts(query)
+    changed, shared = [p for p in rp if p not in qp], [p for p in rp if p in qp]
+    return (" and ".join(changed), " and ".join(shared)) if changed and shared else None
+
+def part_confidence(conf:float, # the confidence before the error gap (`region_confidence`)
+                    t:float, # `explain_gap` of the part gap: `error_gap(pred_changed, pred_shared, target)`
+                    cuts:tuple=PART_CUTS)->float:
+    "The confidence judged on the parts, in place of the error gap: do the changed thing's own words explain the masked pixels better than the unchanged things' words? At most `t` scaled by `cuts` (under 0.5 below `cuts[0]`)."
+    lo, hi = cuts
+    return min(conf, float(np.clip(0.5 + 0.5 * (t - lo) / (hi - lo), 0, 1)))

@@ -25,7 +25,7 @@ class Explorer:
         self.prep = de._prepare(image)
         self.k = de.knobs(**knobs); check_knobs(self.k)
         job = Job(self.prep, ref, [query], make_generator(seed))
-        (_, _, self.raw, _), = de._maps([job], self.k, model_scheduler(de.sd, self.k.steps, self.prep.latents), progress=False)[0]
+        (_, _, self.raw, *_), = de._maps([job], self.k, model_scheduler(de.sd, self.k.steps, self.prep.latents), progress=False)[0]
         self.image, self.cell = de._mask_image_at(self.prep)
 
     def map(self, smooth:float|None=None)->np.ndarray:

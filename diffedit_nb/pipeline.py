@@ -24,7 +24,7 @@ from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
 from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation
 from .confidence import CONFIDENCE_WARN, mask_confidence, mask_regions, edits_one_object, region_confidence, named_alike
-from .confidence import denoise_target, error_gap, explain_gap, explain_confidence
+from .confidence import denoise_target, error_gap, explain_gap, explain_confidence, changed_parts, part_confidence
 from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
 from .inpaint import paint
 from diffusers.utils.torch_utils import randn_tensor
@@ -256,7 +256,9 @@ def load_mask(mask, # see `_MASK_ACCEPTED`
     if isinstance(mask, (str, Path)):
         f = Path(mask).expanduser()
         if not f.is_file(): raise FileNotFoundError(f"No mask file at {str(mask)!r}. A mask is {_MASK_ACCEPTED}.")
-        mask = Image.open(f); mask.load()
+        try: mask = Image.open(f); mask.load()
+        except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, too large: say which file, and what a mask is
+            raise ValueError(f"The mask file {str(mask)!r} could not be read as an image ({type(e).__name__}). A mask is {_MASK_ACCEPTED}.") from None
     if isinstance(mask, Image.Image): mask = np.asarray(mask.convert("L"))
     if isinstance(mask, torch.Tensor): mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray): raise TypeError(f"mask_image must be {_MASK_ACCEPTED}; got {type(mask).__name__}.")
@@ -288,7 +290,7 @@ class Job:
 
 @torch.no_grad()
 def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=True)->list:
-    "Per job, per query: (map (h, w) in [0, 1], each draw's raw map (n, h, w), the raw mean map (h, w), each draw's `error_gap` (n, h, w)); every job's rows in the same UNet calls."
+    "Per job, per query: (map (h, w) in [0, 1], each draw's raw map (n, h, w), the raw mean map (h, w), each draw's `error_gap` (n, h, w), each draw's part gap (n, h, w) or None); every job's rows in the same UNet calls."
     slots, ref_keys = [], {}  # slot: (job index, query index or None for the reference, noisy (n, C, h, w), embedding (1, 77, d))
     cached, targets = {}, {}
     for j, job in enumerate(jobs):
@@ -299,11 +301,13 @@ def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=Tr
         if rk in self._ref_rows: self._ref_rows.move_to_end(rk); cached[j] = self._ref_rows[rk]
         else: slots.append((j, None, noisy, self.embeds(job.ref)))
         slots += [(j, q, noisy, self.embeds(query)) for q, query in enumerate(job.queries)]
+        for q, query in enumerate(job.queries):  # the changed part's and the shared parts' own words (`changed_parts`): 2 rows a draw, where the prompts name parts alike
+            if (cp := changed_parts(job.ref, query)): slots += [(j, ("changed", q), noisy, self.embeds(cp[0])), (j, ("shared", q), noisy, self.embeds(cp[1]))]
     bs = batch_size or k.n
     out = {s[:2]: [] for s in slots}
-    # the references' rows in calls of their own, the queries' in theirs: a reference's rows are then the same whether they
+    # the references' rows in calls of their own, the queries' in theirs, the parts' in theirs: a reference's rows are then the same whether they
     # come from the cache or not, and so is every map
-    for group in ([s for s in slots if s[1] is None], [s for s in slots if s[1] is not None]):
+    for group in ([s for s in slots if s[1] is None], [s for s in slots if isinstance(s[1], int)], [s for s in slots if isinstance(s[1], tuple)]):
         for i in tqdm(range(0, k.n, bs) if group else (), desc="mask", disable=not progress, leave=False):
             x = torch.cat([s[2][i:i + bs] for s in group])
             e = torch.cat([s[3].expand(len(s[2][i:i + bs]), -1, -1) for s in group])
@@ -316,7 +320,8 @@ def _maps(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=Tr
             pq = torch.cat(out[(j, q)])
             d = (ref - pq).float().abs()  # (n, C, h, w)
             raw = d.sum(0).div(k.n).mean(0)  # (h, w): the mean absolute difference, before smoothing and normalising
-            per.append((finish_map(raw, k.smooth, k.clamp), d.mean(1), raw, error_gap(ref, pq, targets[j])))
+            part = error_gap(torch.cat(out[(j, ("changed", q))]), torch.cat(out[(j, ("shared", q))]), targets[j]) if (j, ("changed", q)) in out else None
+            per.append((finish_map(raw, k.smooth, k.clamp), d.mean(1), raw, error_gap(ref, pq, targets[j]), part))
         res.append(per)
     return res
 
@@ -346,11 +351,13 @@ def _masks(self:DiffEdit, jobs:list, k:Knobs, sched, batch_size=None, progress=T
     for job in jobs:
         if job.given is not None: res.append([(job.given, None, None)] * len(job.queries)); continue
         per = []
-        for q, (m, draws, _, gap) in zip(job.queries, next(maps)):
+        for q, (m, draws, _, gap, part) in zip(job.queries, next(maps)):
             alpha = self._alpha(job.prep, m, k)
             lm = latent_mask(alpha, m.shape)[0, 0].numpy() > 0
             conf = region_confidence(mask_confidence(draws, lm, self.confidence_cuts), alpha > 0, job.ref, q)  # the map's signs, the mask's regions
-            per.append((alpha, m, explain_confidence(conf, explain_gap(gap, lm), job.ref, q)))  # and whether the reference explains the mask
+            conf = (part_confidence(conf, explain_gap(part, lm)) if part is not None  # whether the changed thing's words explain the mask better than the unchanged things'
+                    else explain_confidence(conf, explain_gap(gap, lm), job.ref, q))  # or whether the reference explains it better than the query
+            per.append((alpha, m, conf))
         res.append(per)
     return res
 
