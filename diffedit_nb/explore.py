@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from .defaults import DEFAULT, Knobs, check_knobs
 from .encode import show_images
 from .noise import model_scheduler, make_generator
-from .mask import finish_map, resize_map, refine_mask
+from .mask import finish_map, resize_map, refine_mask, enlarge_alpha
 from .pipeline import DiffEdit, Job, mask_image_of
 
 # %% auto #0
@@ -42,7 +42,7 @@ class Explorer:
 
     def mask(self, **mask_knobs)->Image.Image:
         "The mask (mode L, at the input's size) with these mask knobs."
-        return mask_image_of(resize_map(self.alpha(**mask_knobs), self.prep.original.size))
+        return mask_image_of(enlarge_alpha(self.alpha(**mask_knobs), np.asarray(self.prep.original)))
 
     def edit(self, mask_image=None, **knobs):
         "The edit with `mask_image` (default: the mask at the knobs'), reusing the cached encoding and inversion."

@@ -17,7 +17,7 @@ from .noise import noise_latents
 
 # %% auto #0
 __all__ = ['mask_map', 'finish_map', 'resize_map', 'otsu_threshold', 'strongest_regions', 'refine_mask', 'latent_mask',
-           'show_thresholds', 'show_blurs', 'snap_mask', 'map_separation', 'refine_edges']
+           'show_thresholds', 'show_blurs', 'snap_mask', 'map_separation', 'refine_edges', 'enlarge_alpha']
 
 # %% ../nbs/03_mask.ipynb #cb4f758d
 @torch.no_grad()
@@ -182,3 +182,26 @@ def refine_edges(image:np.ndarray, # uint8 (H, W, 3), the image at the size of t
         info.update(fell_back=True, reason="empty" if not mask.any() else f"separation {sep:.2f} < {min_sep}")
         return coarse.copy(), info
     return mask, info
+
+# %% ../nbs/03_mask.ipynb #940b20ea
+def enlarge_alpha(alpha:np.ndarray, # (h, w) blending weight at the mask's size, in [0, 1]
+                  image:np.ndarray, # uint8 (H, W, 3): the input, at the size to bring `alpha` to
+                 )->np.ndarray: # float32 (H, W): 1 on the mask, its edge snapped to the input's colours; a feather kept beyond it
+    "Bring a mask made at a smaller size to the input's: the pixels of its enlarged edge go in or out by their colour, so no rim of the old object is left."
+    H, W = image.shape[:2]
+    if alpha.shape == (H, W): return alpha.astype(np.float32)
+    a = resize_map(alpha, (W, H))
+    core = resize_map((alpha >= 1).astype(np.float32), (W, H))   # the mask's inside enlarged: 1 inside, 0 outside, a ramp on its edge
+    band, out = (core > 0) & (core < 1), (core >= 1).astype(np.float32)
+    if band.any():
+        ys, xs = np.nonzero(band)
+        r = int(np.ceil(2 * max(W / alpha.shape[1], H / alpha.shape[0]))) + 1   # two mask pixels, in the input's pixels
+        y0, y1, x0, x1 = max(ys.min() - r, 0), min(ys.max() + r + 1, H), max(xs.min() - r, 0), min(xs.max() + r + 1, W)
+        img, c, b = image[y0:y1, x0:x1].astype(np.float32), core[y0:y1, x0:x1], band[y0:y1, x0:x1]
+        def local_mean(w):  # the mean colour of the pixels of weight w around each pixel, and how many
+            n = cv2.boxFilter(w, -1, (2 * r + 1, 2 * r + 1), normalize=False, borderType=cv2.BORDER_CONSTANT)
+            return cv2.boxFilter(img * w[..., None], -1, (2 * r + 1, 2 * r + 1), normalize=False, borderType=cv2.BORDER_CONSTANT) / np.maximum(n, 1e-6)[..., None], n
+        (mi, ni), (mo, no) = local_mean((c >= 1).astype(np.float32)), local_mean((c <= 0).astype(np.float32))
+        inside = np.where((ni > 0) & (no > 0), ((img - mi) ** 2).sum(-1) <= ((img - mo) ** 2).sum(-1), c >= 0.5)  # one side absent: the ramp's middle
+        out[y0:y1, x0:x1][b] = inside[b]
+    return np.maximum(out, a) if ((alpha > 0) & (alpha < 1)).any() else out

@@ -22,7 +22,7 @@ from .sources import BUNDLED, resolve_model
 from .encode import load_image, model_size, encode, decode, show_images, image_processor
 from .embeddings import embed_prompts
 from .noise import ddim_scheduler, model_scheduler, make_generator, noise_latents
-from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation
+from .mask import mask_map, finish_map, resize_map, refine_mask, latent_mask, refine_edges, map_separation, enlarge_alpha
 from .confidence import CONFIDENCE_WARN, mask_confidence, mask_regions, edits_one_object, region_confidence, named_alike
 from .confidence import denoise_target, error_gap, explain_gap, explain_confidence, changed_parts, part_confidence
 from .denoise import denoise, edit_scheduler, check_sampler, invert_latents
@@ -57,11 +57,11 @@ class EditResult(MaskResult):
 # %% ../nbs/05_pipeline.ipynb #0e26f8bc
 def composite(original:Image.Image, # RGB input at its own size
               edited:Image.Image, # the decoded edit at working size
-              alpha:np.ndarray, # (h, w) blending weight, at any size (enlarged or shrunk to the input's)
+              alpha:np.ndarray, # (h, w) blending weight at the input's size or a smaller one (enlarged by `enlarge_alpha`)
              )->tuple: # (image, alpha at input size)
     "Blend `edited` into `original` with `alpha`; pixels where alpha is 0 stay the input's."
-    a = resize_map(alpha, original.size)[..., None]
     orig = np.asarray(original)
+    a = enlarge_alpha(alpha, orig)[..., None]
     edit = np.asarray(edited.resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)
     mixed = np.clip((orig * (1 - a) + edit * a).round(), 0, 255).astype(np.uint8)
     return Image.fromarray(np.where(a > 0, mixed, orig)), a[..., 0]
@@ -418,7 +418,7 @@ def _mask(self:DiffEdit, image, # path, URL, PIL image or bytes
     out = []
     for q, (alpha, m, conf) in zip(queries, self._masks([job], k, model_scheduler(self.sd, k.steps, prep.latents), batch_size, progress)[0]):
         warn_low_confidence(conf, ref, q, alpha)
-        out.append(MaskResult(mask_image_of(resize_map(alpha, prep.original.size)), resize_map(m, prep.original.size), conf, k))
+        out.append(MaskResult(mask_image_of(enlarge_alpha(alpha, np.asarray(prep.original))), resize_map(m, prep.original.size), conf, k))  # as the edit blends it
     return out[0] if isinstance(query, str) else out
 
 DiffEdit.mask = _mask
@@ -441,6 +441,9 @@ def _trajectory(self:DiffEdit, preps:list, sched, k:Knobs, progress=True)->list:
 def _edit(self:DiffEdit, jobs:list, masks:list, k:Knobs, callback=None, progress=True)->list:
     "Per job, per query: the edited image at the input's size and the blending weight there (None: nothing to edit)."
     rows = [(j, q) for j, job in enumerate(jobs) for q in range(len(job.queries)) if masks[j][q][0].any()]
+    # each mask at the input's size first, its enlarged edge snapped to the input's colours (`enlarge_alpha`; a given mask is already there):
+    # the repaint's own mask is taken from it, so every pixel the blend takes from the edit was repainted, none left in the old colour
+    masks = [[(enlarge_alpha(a, np.asarray(job.prep.original)) if a.any() else a, *rest) for a, *rest in per] for job, per in zip(jobs, masks)]
     out = [[None] * len(job.queries) for job in jobs]
     if not rows: return out
     if self.painter is not None and k.painter == "inpaint": return self._paint(jobs, masks, rows, out, k, callback, progress)
