@@ -206,12 +206,13 @@ def _app(argv:list)->int:
     p.add_argument("--inpaint", default=DEFAULT, metavar="MODEL", help="an inpainting model to repaint the mask with (as `diffedit --inpaint`)")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     a = p.parse_args(argv)
-    try: import gradio  # noqa: F401
-    except ImportError:
-        print("diffedit: error: the app needs Gradio: pip install 'diffedit_nb[app]'", file=sys.stderr); return 1
-    from diffedit_nb.app import serve
-    try: serve(a.model, a.host, a.port, a.share, a.device, a.dtype, inpaint=a.inpaint)
-    except KeyboardInterrupt:  # Ctrl-C while loading or serving (`serve` closes the app first): exit 130, as an interrupted edit
+    try:
+        try: import gradio  # noqa: F401
+        except ImportError:
+            print("diffedit: error: the app needs Gradio: pip install 'diffedit_nb[app]'", file=sys.stderr); return 1
+        from diffedit_nb.app import serve
+        serve(a.model, a.host, a.port, a.share, a.device, a.dtype, inpaint=a.inpaint)
+    except KeyboardInterrupt:  # Ctrl-C while importing, loading or serving (`serve` closes the app first): exit 130, as an interrupted edit
         print("diffedit: interrupted; the app is closed", file=sys.stderr); return 130
     except Exception as e:
         print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr); return 1
