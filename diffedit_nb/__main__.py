@@ -112,6 +112,12 @@ def save_image(img:Image.Image, path):
 
 def _one_line(msg)->str: return " ".join(str(msg).split())
 
+def _interrupted(msg:str)->int:
+    "Say `msg` and give exit status 130. (Run as `python -m diffedit_nb`, CPython would end by SIGINT instead, status -2, when Ctrl-C stopped an `exec` of a string on its way here, as dataclasses do while Gradio, torch or diffusers import; an `exec` of nothing clears that mark.)"
+    print(msg, file=sys.stderr)
+    exec("")
+    return 130
+
 def _show_defaults(model:str)->str:
     "The knobs an edit with `model` would use and where each comes from, read from its configs and `diffedit.json` (no weights)."
     from diffedit_nb.sources import resolve_model, read_model_files, read_variant, check_model_source, cache_dir  # no torch: an answer at once (`00c_sources`)
@@ -187,8 +193,7 @@ def _main_batch(a, given:dict)->int:
         rows = run_items(de, items, out, force=a.force, report=a.report, batch_size=a.batch_size, seed=a.seed, masks=a.masks,
                          progress=not a.quiet and main_proc, state=state, on_item=on_item, **given)
     except KeyboardInterrupt:
-        print(f"diffedit: interrupted; finished outputs are in {str(out)!r} (no partial files): run the same command again to resume", file=sys.stderr)
-        return 130
+        return _interrupted(f"diffedit: interrupted; finished outputs are in {str(out)!r} (no partial files): run the same command again to resume")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if main_proc and not a.quiet:
         print(f"diffedit: {counts['ok']} edited, {counts['skipped']} skipped (output exists; --force redoes them), {counts['failed']} failed -> {out}"
@@ -213,7 +218,7 @@ def _app(argv:list)->int:
         from diffedit_nb.app import serve
         serve(a.model, a.host, a.port, a.share, a.device, a.dtype, inpaint=a.inpaint)
     except KeyboardInterrupt:  # Ctrl-C while importing, loading or serving (`serve` closes the app first): exit 130, as an interrupted edit
-        print("diffedit: interrupted; the app is closed", file=sys.stderr); return 130
+        return _interrupted("diffedit: interrupted; the app is closed")
     except Exception as e:
         print(f"diffedit: error: {_one_line(e) or type(e).__name__}", file=sys.stderr); return 1
     return 0
@@ -258,8 +263,7 @@ def main(argv:list|None=None)->int:
         save_image(res.image, a.out)
         if a.mask_out: save_image(res.mask, a.mask_out)
     except KeyboardInterrupt:  # nothing half-written: outputs are written atomically
-        print("diffedit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _interrupted("diffedit: interrupted; nothing was written")
     except Exception as e:  # one line, no traceback; the message names the input and what is accepted
         more = [_one_line(p) for p in str(e).splitlines()[1:]] if getattr(e, "problems", None) else []  # bad manifest rows: a line each
         print(f"diffedit: error: {_one_line(str(e).splitlines()[0] if more else e) or type(e).__name__}", *(f"  {p}" for p in more), sep="\n", file=sys.stderr)

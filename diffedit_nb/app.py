@@ -16,8 +16,8 @@ from .mask import otsu_threshold, resize_map
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_PIXELS', 'MAX_PROMPT', 'MAX_QUERIES', 'AppError', 'check_request', 'corrected_mask', 'outlined',
-           'model_note', 'example_label', 'threshold_control', 'used_threshold', 'threshold_note', 'mask_view',
-           'build_app', 'serve']
+           'model_note', 'painter_note', 'start_control', 'example_label', 'threshold_control', 'used_threshold',
+           'threshold_note', 'mask_view', 'build_app', 'serve']
 
 # %% ../nbs/14_app.ipynb #2018b7f9
 MAX_SIDE, MAX_PIXELS = 2048, 2048 * 2048 # the largest image the app takes
@@ -65,7 +65,19 @@ def model_note(de:DiffEdit, model:str|None=None)->str:
     "The page's line on the model: its name and, for a model with a vocabulary (the bundled ones), the words it knows."
     name = model or getattr(de.sd.denoiser.config, "_name_or_path", None) or "a model loaded in Python"
     words = "; ".join(f"{cat}: {', '.join(ws)}" for cat, ws in (de.vocabulary or {}).items())
-    return f"**Model:** `{name}`" + (f". **The words it knows** (others are not followed): {words}" if words else "")
+    return f"**Model:** `{name}`" + (f". **The words it knows** (others are not followed): {words}" if words else "") + f". **Repaints with:** {painter_note(de)}"
+
+def painter_note(de:DiffEdit)->str:
+    "Who repaints the mask with the model's default knobs: its inpainting painter (named), the model itself, or the paper's repaint."
+    if de.painter is None or de.defaults.knobs.painter != "inpaint": return "the paper's repaint (the model denoises the image's noised latent, guided by the query, from `start`)"
+    if de.painter is de.sd: return "the model itself, an inpainting model (from pure noise, shown the mask and the image around it)"
+    name = de.painter_name or getattr(de.painter.denoiser.config, "_name_or_path", None) or "loaded in Python"
+    return f"the inpainting model `{name}` (from pure noise, shown the mask and the image around it)"
+
+def start_control(de:DiffEdit)->dict:
+    "The start slider's state: off, and saying so, where an inpainting painter repaints (it starts from pure noise)."
+    paints = de.painter is not None and de.defaults.knobs.painter == "inpaint"
+    return dict(interactive=not paints, label="start (not used: the inpainting painter repaints from pure noise)" if paints else "start (noise level)")
 
 def example_label(ref:str, query:str)->str: return f"{ref} → {'; '.join(query.splitlines())}"
 
@@ -159,7 +171,7 @@ def build_app(de:DiffEdit, # the model to edit with
                 threshold = gr.Slider(0, 1, value=0.5 if k.threshold == "otsu" else k.threshold, step=0.01, elem_id="threshold", **threshold_control(k.threshold == "otsu"))
         with gr.Row():
             kp = de.paint_knobs(k, {})  # the repaint's knobs: an inpainting painter's own steps and guidance (the command's edit uses the same)
-            start = gr.Slider(0.1, 1, value=kp.start, step=0.05, label="start (noise level)")
+            start = gr.Slider(0.1, 1, value=kp.start, step=0.05, elem_id="start", **start_control(de))
             steps = gr.Slider(1, 100, value=kp.steps, step=1, label="steps", elem_id="steps")
             guidance = gr.Slider(0, 20, value=kp.guidance_scale if kp.guidance_scale is not None else (de.painter or de.sd).default_guidance, step=0.5, label="guidance", elem_id="guidance")
         edit_btn = gr.Button("Edit", variant="primary", elem_id="edit_btn")

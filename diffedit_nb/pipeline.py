@@ -122,6 +122,7 @@ class DiffEdit:
         self.painter = inpaint if inpaint is not None else sd if sd.inpaint else None
         self.inpaint_knobs = dict(knobs or {}) if self.painter is sd else dict(inpaint_knobs or {})
         self.paints_removals = paints_removals
+        self.painter_name = None  # the painter's name as the user gave it (`from_pretrained`), for pages and reports
         self.sd, self.vocabulary, self._embeds = sd, vocabulary, {}
         self._latents, self._inversions, self._ref_rows = OrderedDict(), OrderedDict(), OrderedDict()  # caches (`CACHE_IMAGES`)
         self.resolution = resolution or sd.resolution
@@ -147,17 +148,19 @@ class DiffEdit:
                         inpaint=DEFAULT, # the painter: an inpainting model's hub id or folder, "shapes-inpaint", a loaded inpainting pipeline or `SDComponents`; None: none (the paper's repaint); default: the one the folder's `diffedit.json` names, if any
                         **kwargs):
         "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5); an inpainting checkpoint (SD, SDXL, Flux Fill) both masks and paints."
-        model = resolve_model(model)
+        model, painter_name = resolve_model(model), None
         sd = load_sd(model, device=device, dtype=dtype, **kwargs)
         own = read_model_files(model, **kwargs)  # diffedit.json, confidence.json, vocabulary.json: the folder's, or the hub repo's
         if inpaint is DEFAULT: inpaint = own["inpaint"]
         inpaint_knobs, removes = None, own["paints_removals"]
         if isinstance(inpaint, (str, Path)):
-            folder = resolve_model(inpaint); theirs = read_model_files(folder)
+            painter_name, folder = str(inpaint), resolve_model(inpaint); theirs = read_model_files(folder)
             inpaint_knobs, removes = theirs["knobs"], theirs["paints_removals"]
             inpaint = load_sd(folder, device=sd.device, dtype=sd.dtype)
         elif inpaint is not None and not isinstance(inpaint, SDComponents): inpaint = pipe_components(inpaint)
-        return cls(sd, own["vocabulary"], resolution, own["knobs"], own["knobs_source"], own["confidence"], inpaint, inpaint_knobs, removes)
+        de = cls(sd, own["vocabulary"], resolution, own["knobs"], own["knobs_source"], own["confidence"], inpaint, inpaint_knobs, removes)
+        de.painter_name = painter_name
+        return de
 
     @classmethod
     def from_pipe(cls, pipe, resolution:int|None=None,
