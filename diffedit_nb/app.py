@@ -67,17 +67,18 @@ def model_note(de:DiffEdit, model:str|None=None)->str:
     words = "; ".join(f"{cat}: {', '.join(ws)}" for cat, ws in (de.vocabulary or {}).items())
     return f"**Model:** `{name}`" + (f". **The words it knows** (others are not followed): {words}" if words else "") + f". **Repaints with:** {painter_note(de)}"
 
+def _inpaints(de:DiffEdit)->bool: return de.painter is not None and de.defaults.knobs.painter == "inpaint"  # an inpainting model repaints, by default
+
 def painter_note(de:DiffEdit)->str:
     "Who repaints the mask with the model's default knobs: its inpainting painter (named), the model itself, or the paper's repaint."
-    if de.painter is None or de.defaults.knobs.painter != "inpaint": return "the paper's repaint (the model denoises the image's noised latent, guided by the query, from `start`)"
+    if not _inpaints(de): return "the paper's repaint (the model denoises the image's noised latent, guided by the query, from `start`)"
     if de.painter is de.sd: return "the model itself, an inpainting model (from pure noise, shown the mask and the image around it)"
     name = de.painter_name or getattr(de.painter.denoiser.config, "_name_or_path", None) or "loaded in Python"
     return f"the inpainting model `{name}` (from pure noise, shown the mask and the image around it)"
 
 def start_control(de:DiffEdit)->dict:
     "The start slider's state: off, and saying so, where an inpainting painter repaints (it starts from pure noise)."
-    paints = de.painter is not None and de.defaults.knobs.painter == "inpaint"
-    return dict(interactive=not paints, label="start (not used: the inpainting painter repaints from pure noise)" if paints else "start (noise level)")
+    return dict(interactive=not _inpaints(de), label="start (not used: the inpainting painter repaints from pure noise)" if _inpaints(de) else "start (noise level)")
 
 def example_label(ref:str, query:str)->str: return f"{ref} → {'; '.join(query.splitlines())}"
 

@@ -148,11 +148,11 @@ class DiffEdit:
                         inpaint=DEFAULT, # the painter: an inpainting model's hub id or folder, "shapes-inpaint", a loaded inpainting pipeline or `SDComponents`; None: none (the paper's repaint); default: the one the folder's `diffedit.json` names, if any
                         **kwargs):
         "Load a Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or Flux.1 checkpoint for editing (`vae=` another VAE; `t5=False`: SD3 without T5); an inpainting checkpoint (SD, SDXL, Flux Fill) both masks and paints."
-        model, painter_name = resolve_model(model), None
+        model = resolve_model(model)
         sd = load_sd(model, device=device, dtype=dtype, **kwargs)
         own = read_model_files(model, **kwargs)  # diffedit.json, confidence.json, vocabulary.json: the folder's, or the hub repo's
         if inpaint is DEFAULT: inpaint = own["inpaint"]
-        inpaint_knobs, removes = None, own["paints_removals"]
+        inpaint_knobs, removes, painter_name = None, own["paints_removals"], None
         if isinstance(inpaint, (str, Path)):
             painter_name, folder = str(inpaint), resolve_model(inpaint); theirs = read_model_files(folder)
             inpaint_knobs, removes = theirs["knobs"], theirs["paints_removals"]
